@@ -1,0 +1,11 @@
+"""torchstep optimizers: every class is a real ``torch.optim.Optimizer``."""
+from ._base import TorchstepOptimizer
+from .adamp import AdamP, SGDP
+from .classp import CLASSP
+from .diffgrad import DiffGrad
+from .lion import Lion
+from .sophia import SophiaG, SophiaH
+from .spam import SPAM, StableSPAM
+
+__all__ = ["TorchstepOptimizer", "Lion", "AdamP", "SGDP", "DiffGrad", "SophiaG", "SophiaH",
+           "SPAM", "StableSPAM", "CLASSP"]

@@ -1,0 +1,213 @@
+"""Shared machinery for every torchstep optimizer.
+
+Subclasses implement two hooks, written once per algorithm:
+
+* ``_init_state(p, state, group)`` – allocate lazy state (``zeros_like(p)`` gives the
+  right state dtype automatically, see the low-precision policy below);
+* ``_update(p, grad, state, group)`` – update one parameter in place.  ``grad`` is never
+  ``p.grad`` itself when it must be modified: implementations treat it as read-only.
+
+The base class owns what must be identical everywhere: closure handling, the non-finite
+gradient policy, ``maximize``, the bf16/fp16 state policy, hyperparameter validation
+with ``ValueError`` naming the argument, and a ``load_state_dict`` that keeps fp32 state.
+
+Low-precision policy: parameters in bf16/fp16 get **fp32 state**; the update is computed
+on an fp32 copy of the parameter and rounded back once per step.
+
+Non-finite policy (group key ``nonfinite``):
+``"skip"`` (default) – a parameter whose gradient holds inf/NaN is left untouched this
+step: no parameter change, no state change, its step counter does not advance.  Costs one
+batched finiteness reduction per step (one host sync on accelerators).
+``"raise"`` – ``FloatingPointError`` before anything is modified.
+``"ignore"`` – no check, no sync (use when e.g. ``GradScaler`` already skips such steps).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+
+NONFINITE_POLICIES = ("skip", "raise", "ignore")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def invalid(name: str, value: Any, valid: str) -> ValueError:
+    return ValueError(f"Invalid {name}: {value!r} (valid range: {valid})")
+
+
+def check_range(name: str, value: Any, lo: float = -math.inf, hi: float = math.inf, *,
+                lo_open: bool = False, hi_open: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``lo <(=) value <(=) hi``."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Invalid {name}: a tensor {name} must have exactly one element")
+        value = value.item()
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        left, right = ("(" if lo_open else "["), (")" if hi_open else "]")
+        raise invalid(name, value, f"{left}{lo}, {hi}{right}")
+
+
+def check_betas(betas: Any, n: int = 2) -> None:
+    if not isinstance(betas, (tuple, list)) or len(betas) != n:
+        raise invalid("betas", betas, f"a tuple of {n} floats in [0, 1)")
+    for i, b in enumerate(betas):
+        check_range(f"betas[{i}]", b, 0.0, 1.0, hi_open=True)
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise invalid(name, value, f"one of {choices}")
+
+
+def scalar(x: float | Tensor) -> float:
+    """A hyperparameter as a Python float; reads tensors every step (never cached).
+
+    For a CPU tensor this is not a device sync; a tensor lr on an accelerator costs one sync
+    per group and step (as in torch's non-capturable optimizers)."""
+    return x.item() if isinstance(x, Tensor) else float(x)
+
+
+class TorchstepOptimizer(torch.optim.Optimizer):
+    """Base class: see the module docstring for the policies every subclass inherits."""
+
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        defaults.setdefault("maximize", False)
+        defaults.setdefault("nonfinite", "skip")
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ validation
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        unknown = set(group) - set(self.defaults) - {"params", "param_names", "name", "initial_lr"}
+        # Routing/bookkeeping keys from schedulers and trainers are allowed; typos are not.
+        unknown = {k for k in unknown if not k.startswith("_") and k not in self._extra_group_keys}
+        if unknown:
+            raise ValueError(f"Unknown hyperparameter(s) {sorted(unknown)} for {type(self).__name__}; "
+                             f"valid: {sorted(self.defaults)}")
+        self._validate(group)
+
+    #: group keys tolerated besides the defaults (set by trainers / partitioners)
+    _extra_group_keys = frozenset({"weight_decay_exempt", "lr_scale", "base_lr"})
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        if "lr" in group:
+            check_range("lr", group["lr"], 0.0)
+        if "betas" in group:
+            check_betas(group["betas"], len(group["betas"]) if isinstance(group["betas"], (tuple, list)) else 2)
+        if "eps" in group:
+            check_range("eps", group["eps"], 0.0, lo_open=True)
+        if "weight_decay" in group:
+            check_range("weight_decay", group["weight_decay"], 0.0)
+        if "momentum" in group:
+            check_range("momentum", group["momentum"], 0.0, 1.0, hi_open=True)
+        check_choice("nonfinite", group["nonfinite"], NONFINITE_POLICIES)
+        if not isinstance(group["maximize"], bool):
+            raise invalid("maximize", group["maximize"], "True or False")
+
+    # ------------------------------------------------------------------ hooks
+    def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _update(self, p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ step
+    @staticmethod
+    def _advance(state: dict[str, Any]) -> int:
+        """Increment the per-parameter CPU step tensor and return it as an int."""
+        state["step"] += 1
+        return int(state["step"].item())
+
+    def _finite_flags(self, grads: list[Tensor]) -> list[bool]:
+        if not grads:
+            return []
+        flags = [torch.isfinite(g).all() for g in grads]
+        device = flags[0].device
+        return torch.stack([f.to(device) for f in flags]).tolist()
+
+    def _params_to_update(self) -> list[tuple[dict[str, Any], Tensor]]:
+        todo, checked = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                todo.append((group, p))
+                if group["nonfinite"] != "ignore":
+                    checked.append(len(todo) - 1)
+        flags = self._finite_flags([todo[i][1].grad for i in checked])
+        bad = {i for i, ok in zip(checked, flags) if not ok}
+        for i in bad:
+            group, p = todo[i]
+            if group["nonfinite"] == "raise":
+                gi = self.param_groups.index(group)
+                names = group.get("param_names")
+                where = names[group["params"].index(p)] if names else f"#{group['params'].index(p)}"
+                raise FloatingPointError(f"non-finite gradient in parameter {where} of group {gi}")
+        return [todo[i] for i in range(len(todo)) if i not in bad]
+
+    def _step_param(self, p: Tensor, group: dict[str, Any]) -> None:
+        grad = p.grad
+        if group["maximize"]:
+            grad = -grad
+        state = self.state[p]
+        low = p.dtype in _LOW_PRECISION
+        work = p.float() if low else p
+        if low:
+            grad = grad.float()
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            self._init_state(work, state, group)
+        self._update(work, grad, state, group)
+        if low:
+            p.copy_(work)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimisation step; returns the closure's loss (evaluated with grad)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group, p in self._params_to_update():
+            self._step_param(p, group)
+        return loss
+
+    # ------------------------------------------------------------------ checkpoints
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+            group.setdefault("nonfinite", "skip")
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)  # flags added after a checkpoint was written
+        for s in self.state.values():
+            if "step" in s and not torch.is_tensor(s["step"]):
+                s["step"] = torch.tensor(float(s["step"]))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch casts floating state to the parameter dtype; keep our fp32 state for bf16/fp16."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        live = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, live):
+            saved = state_dict["state"].get(pid)
+            if saved is None or p.dtype not in _LOW_PRECISION:
+                continue
+            for key, value in saved.items():
+                if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
+
+def decay_(p: Tensor, lr: float, weight_decay: float) -> None:
+    """Decoupled weight decay θ ← θ·(1 − η·λ)."""
+    if weight_decay != 0:
+        p.mul_(1.0 - lr * weight_decay)

@@ -1,0 +1,55 @@
+"""diffGrad — Adam with a friction coefficient from the change of the gradient."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ._base import TorchstepOptimizer, scalar
+
+
+class DiffGrad(TorchstepOptimizer):
+    r"""diffGrad: Adam step damped by ξ = sigmoid(|g_{t−1} − g_t|) elementwise.
+
+    .. math::
+        g' &= g + \lambda\theta \quad(\text{coupled L2, on a copy}) \\
+        m &\leftarrow \beta_1 m + (1-\beta_1) g',\quad v \leftarrow \beta_2 v + (1-\beta_2) g'^2 \\
+        \xi &= \sigma(|g_{\text{prev}} - g'|),\quad g_{\text{prev}} \leftarrow g' \ (g_{\text{prev}}=0 \text{ at } t=1) \\
+        \theta &\leftarrow \theta - \eta \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\,\frac{m\odot\xi}{\sqrt{v}+\epsilon}
+
+    (HF flavour: ε is not bias-corrected.)  Defaults: ``lr=1e-3, betas=(0.9, 0.999),
+    eps=1e-8, weight_decay=0`` (paper).
+
+    Paper: Dubey et al., "diffGrad: An Optimization Method for Convolutional Neural
+    Networks", IEEE TNNLS 2019, arXiv 1909.11015.  Official code: shivram1987/diffGrad
+    ``diffGrad_v2.py``.  Deviation avoided: the original ``diffGrad.py`` (v1) stored the
+    gradient tensor without copying it, so with in-place reused ``.grad`` buffers
+    ``Δg ≡ 0`` and ``ξ ≡ 0.5``; we keep a copy (v2 behaviour, the README's recommendation).
+    No pip package of the official code exists, so parity is tested at equation level.
+    Memory: 3 buffers (``exp_avg``, ``exp_avg_sq``, ``previous_grad``).
+    """
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, *, maximize: bool = False,
+                 nonfinite: str = "skip") -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      maximize=maximize, nonfinite=nonfinite))
+
+    def _init_state(self, p, state, group):
+        for key in ("exp_avg", "exp_avg_sq", "previous_grad"):
+            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _update(self, p, grad, state, group):
+        t = self._advance(state)
+        lr = scalar(group["lr"])
+        beta1, beta2 = group["betas"]
+        if group["weight_decay"] != 0:
+            grad = grad.add(p, alpha=group["weight_decay"])
+        exp_avg, exp_avg_sq, previous = state["exp_avg"], state["exp_avg_sq"], state["previous_grad"]
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        friction = previous.sub_(grad).abs_().sigmoid_()   # reuse the buffer, then refill it
+        step = friction.mul_(exp_avg).div_(exp_avg_sq.sqrt().add_(group["eps"]))
+        p.add_(step, alpha=-lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t))
+        previous.copy_(grad)

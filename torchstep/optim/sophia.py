@@ -1,0 +1,139 @@
+"""Sophia — clipped, diagonal-Hessian-preconditioned sign momentum (SophiaG, SophiaH)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..ops.hessian import hutchinson_diagonal
+from ._base import TorchstepOptimizer, check_choice, check_range, decay_, scalar
+
+
+class _Sophia(TorchstepOptimizer):
+    """Shared Sophia update; subclasses differ only in how ``h`` is estimated."""
+
+    def _validate(self, group):
+        super()._validate(group)
+        check_range("rho", group["rho"], 0.0, lo_open=True)
+        check_range("bs", group["bs"], 0.0, lo_open=True)
+
+    def _init_state(self, p, state, group):
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _update(self, p, grad, state, group):
+        self._advance(state)
+        lr = scalar(group["lr"])
+        beta1 = group["betas"][0]
+        exp_avg = state["exp_avg"]
+        decay_(p, lr, group["weight_decay"])
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        # sign(m)·min(|m|/(ρ·b·h + ε), 1) ≡ clamp(m/(ρ·b·h + ε), −1, 1) for the positive denominator
+        denom = state["hessian"].mul(group["rho"] * group["bs"]).add_(group["eps"])
+        p.add_(exp_avg.div(denom).clamp_(-1.0, 1.0), alpha=-lr)
+
+    @torch.no_grad()
+    def _accumulate_hessian(self, pairs: Sequence[tuple[dict, Tensor, Tensor]]) -> None:
+        for group, p, estimate in pairs:
+            state = self.state[p]
+            if not state:
+                work = p.float() if p.dtype in (torch.bfloat16, torch.float16) else p
+                state["step"] = torch.tensor(0.0)
+                self._init_state(work, state, group)
+            beta2 = group["betas"][1]
+            state["hessian"].mul_(beta2).add_(estimate.to(state["hessian"].dtype), alpha=1 - beta2)
+
+
+class SophiaG(_Sophia):
+    r"""Sophia-G: Sophia with the Gauss–Newton–Bartlett (GNB) Hessian-diagonal estimator.
+
+    Every step:
+
+    .. math::
+        \theta &\leftarrow \theta (1-\eta\lambda) \\
+        m &\leftarrow \beta_1 m + (1-\beta_1) g \\
+        \theta &\leftarrow \theta - \eta\, \mathrm{clip}\!\left(\frac{m}{\rho\, b\, h + \epsilon}, 1\right)
+
+    Every *k* steps (you call :meth:`update_hessian` after a backward pass of the GNB loss,
+    i.e. cross-entropy against labels sampled from the model,
+    :func:`torchstep.ops.gnb_sampled_loss`): ``h ← β2 h + (1−β2) ĝ⊙ĝ``.  ``b`` (``bs``) is the
+    number of tokens/examples per step: it enters the step, not the stored ``h``.  Before the
+    first estimate ``h = 0`` and the update is ``−η·sign(m)`` (sign momentum).
+
+    Defaults (official code): ``lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1,
+    bs=5120, eps=1e-15``; GPT-2 125M used ``lr=6e-4, rho=0.05, weight_decay=0.2``, ``k=10``.
+    Keep the share of unclipped coordinates in 0.1–0.5; pass the real ``bs``.
+
+    Training loop::
+
+        opt = SophiaG(model.parameters(), lr=6e-4, rho=0.05, weight_decay=0.2, bs=batch_tokens)
+        for step, (x, y) in enumerate(loader):
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+            if step % k == k - 1:                          # refresh the Hessian estimate
+                gnb_sampled_loss(model(x)).backward()       # labels sampled from the model
+                opt.update_hessian(); opt.zero_grad(set_to_none=True)
+
+    Paper: Liu et al., "Sophia: A Scalable Stochastic Second-order Optimizer for Language
+    Model Pre-training", ICLR 2024, arXiv 2305.14342.  Official code: Liuhong99/Sophia; parity
+    tested against pip ``sophia-opt``.  The paper writes ``η_p·clip(m/max(γh, ε), 1)``; the
+    code's ``lr`` is ``ρ·η_p`` — we follow the code.  Memory: 2 buffers.
+    """
+
+    def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
+                 rho: float = 0.04, weight_decay: float = 0.1, bs: float = 5120, eps: float = 1e-15,
+                 *, maximize: bool = False, nonfinite: str = "skip") -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, bs=bs,
+                                      eps=eps, maximize=maximize, nonfinite=nonfinite))
+
+    @torch.no_grad()
+    def update_hessian(self) -> None:
+        """``h ← β2 h + (1−β2) ĝ⊙ĝ`` from the current ``.grad`` (the GNB loss's gradient)."""
+        pairs = [(g, p, p.grad.square()) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self._accumulate_hessian([(g, p, e) for g, p, e in pairs if torch.isfinite(e).all() or
+                                  g["nonfinite"] == "ignore"])
+
+
+class SophiaH(_Sophia):
+    r"""Sophia-H: Sophia with Hutchinson's Hessian-diagonal estimator ``u ⊙ (∇²L u)``.
+
+    Same step as :class:`SophiaG` with ``b = 1`` (``bs`` is fixed to 1 by default):
+    ``θ ← θ(1−ηλ) − η·clip(m/(ρ h + ε), 1)``; ``h ← β2 h + (1−β2) u⊙(Hu)`` whenever you call
+    :meth:`update_hessian` with a loss that still holds its graph::
+
+        if step % k == 0:
+            opt.update_hessian(loss_fn(model(x), y))   # builds grads with create_graph=True
+
+    Defaults: ``lr=6e-4, betas=(0.96, 0.99), rho=0.01, weight_decay=0, eps=1e-12``.  These equal
+    pip ``pytorch-optimizer``'s SophiaH defaults (``lr=6e-2, p=1e-2``), whose update is
+    ``η'·clip(m/max(h, ε), p)``: ``η'·clip(m/h, p) = (η'p)·clip(m/(h/p)·…)`` gives η = η'·p and
+    ρ = p.  Paper: arXiv 2305.14342 (Sophia-H variant); no official PyTorch code.
+    Memory: 2 buffers; one extra Hessian-vector product per refresh.
+    """
+
+    def __init__(self, params: Any, lr: float = 6e-4, betas: tuple[float, float] = (0.96, 0.99),
+                 rho: float = 0.01, weight_decay: float = 0.0, eps: float = 1e-12,
+                 samples: int = 1, distribution: str = "rademacher", *, bs: float = 1.0,
+                 maximize: bool = False, nonfinite: str = "skip") -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps,
+                                      samples=samples, distribution=distribution, bs=bs,
+                                      maximize=maximize, nonfinite=nonfinite))
+
+    def _validate(self, group):
+        super()._validate(group)
+        check_range("samples", group["samples"], 1)
+        check_choice("distribution", group["distribution"], ("rademacher", "gaussian"))
+
+    def update_hessian(self, loss: Tensor | Callable[[], Tensor],
+                       generator: torch.Generator | None = None) -> None:
+        """Refresh ``h`` from ``loss`` (a tensor with graph, or a closure returning one)."""
+        if callable(loss):
+            with torch.enable_grad():
+                loss = loss()
+        pairs = [(g, p) for g in self.param_groups for p in g["params"] if p.requires_grad]
+        group0 = self.param_groups[0]
+        estimates = hutchinson_diagonal(loss, [p for _, p in pairs], samples=group0["samples"],
+                                        distribution=group0["distribution"], generator=generator)
+        self._accumulate_hessian([(g, p, e) for (g, p), e in zip(pairs, estimates)
+                                  if g["nonfinite"] == "ignore" or torch.isfinite(e).all()])

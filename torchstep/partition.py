@@ -1,0 +1,99 @@
+"""Split a model's parameters into named groups: hidden matrices vs everything else.
+
+The default router (documented, overridable):
+
+* ``matrix``  – parameters with ``ndim >= 2`` that are not embeddings or the output head;
+* ``embedding`` – weights of ``nn.Embedding`` / ``nn.EmbeddingBag`` modules;
+* ``head`` – the output layer: names matching ``head_pattern`` (default ``lm_head|head|classifier|fc_out|output``
+  as the last module name) — gets weight decay like a matrix but never a matrix-only rule;
+* ``no_decay`` – biases, norm weights (``*Norm*`` modules), 0-D and 1-D tensors: weight decay 0.
+
+Frozen parameters (``requires_grad=False``) are left out.  Every group records ``param_names``
+and a ``name``, so a checkpoint and a routing report say which tensor got which rule.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable
+
+
+from torch import nn
+
+DEFAULT_HEAD_PATTERN = r"(^|\.)(lm_head|head|classifier|fc_out|output)(\.|$)"
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase,
+               nn.RMSNorm)
+
+
+def classify(model: nn.Module, head_pattern: str = DEFAULT_HEAD_PATTERN) -> dict[str, str]:
+    """Map each trainable parameter name to one of ``matrix, embedding, head, no_decay``."""
+    kinds: dict[str, str] = {}
+    seen: set[int] = set()  # tied parameters are routed once, under their first name
+    head = re.compile(head_pattern)
+    for module_name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            name = f"{module_name}.{pname}" if module_name else pname
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+                kinds[name] = "embedding"
+            elif p.ndim < 2 or isinstance(module, _NORM_TYPES):
+                kinds[name] = "no_decay"
+            elif head.search(module_name or pname):
+                kinds[name] = "head"
+            else:
+                kinds[name] = "matrix"
+    return kinds
+
+
+def param_groups(model: nn.Module, weight_decay: float | None = None,
+                 overrides: dict[str, dict[str, Any]] | None = None,
+                 head_pattern: str = DEFAULT_HEAD_PATTERN) -> list[dict[str, Any]]:
+    """Groups for ``model``: one per kind present, with ``weight_decay=0`` for ``no_decay``.
+
+    ``weight_decay`` (if given) is set on decaying groups; ``overrides`` maps a kind to extra
+    group keys (e.g. ``{"embedding": {"lr": 3e-4}}``).  Tied parameters appear once.
+    """
+    kinds = classify(model, head_pattern)
+    tensors = {f"{m}.{n}" if m else n: p for m, mod in model.named_modules()
+               for n, p in mod.named_parameters(recurse=False)}
+    groups: dict[str, dict[str, Any]] = {}
+    for name, kind in kinds.items():
+        group = groups.setdefault(kind, {"name": kind, "params": [], "param_names": []})
+        group["params"].append(tensors[name])
+        group["param_names"].append(name)
+    result = []
+    for kind in ("matrix", "embedding", "head", "no_decay"):
+        if kind not in groups or not groups[kind]["params"]:
+            continue
+        group = groups[kind]
+        if kind == "no_decay":
+            group["weight_decay"] = 0.0
+        elif weight_decay is not None:
+            group["weight_decay"] = weight_decay
+        group.update((overrides or {}).get(kind, {}))
+        result.append(group)
+    return result
+
+
+def routing_report(groups: Iterable[dict[str, Any]]) -> str:
+    """One line per parameter: name, shape, group and its lr / weight decay."""
+    lines = []
+    for g in groups:
+        for n, p in zip(g.get("param_names", [""] * len(g["params"])), g["params"]):
+            lines.append(f"{n:40s} {str(tuple(p.shape)):18s} {g.get('name', '?'):10s} "
+                         f"lr={g.get('lr', 'default')} wd={g.get('weight_decay', 'default')}")
+    return "\n".join(lines)
+
+
+def as_params(model_or_params: Any, **kwargs: Any) -> Any:
+    """A model becomes named groups (see :func:`param_groups`); anything else passes through."""
+    if isinstance(model_or_params, nn.Module):
+        return param_groups(model_or_params, **kwargs)
+    if kwargs:
+        raise ValueError(f"partition options {sorted(kwargs)} need a model, not a parameter list")
+    return model_or_params
+
+
+__all__ = ["classify", "param_groups", "routing_report", "as_params", "DEFAULT_HEAD_PATTERN"]
+

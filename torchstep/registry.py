@@ -1,0 +1,139 @@
+"""The registry: the only place that knows every optimizer name.
+
+Each :class:`OptimizerSpec` carries what the generic conformance suite needs: valid
+configuration variants, invalid configurations with the argument their error must name,
+and convergence settings (learning rate and step budget on the test problems).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from . import optim
+from .partition import as_params
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    cls: type
+    family: str
+    arxiv: str
+    parity: str | None = None            # official package the parity tests compare against
+    configs: tuple[tuple[dict[str, Any], str], ...] = ()     # (kwargs, description)
+    invalid: tuple[tuple[dict[str, Any], str], ...] = ()     # (kwargs, argument named in the error)
+    base_kwargs: dict[str, Any] = field(default_factory=dict)  # always passed (e.g. SGDP's lr)
+    quadratic_lr: float = 1e-2            # convergence settings of the conformance suite
+    rosenbrock_lr: float = 1e-3
+    steps: int = 2000
+
+
+_COMMON_INVALID = (({"lr": -1e-3}, "lr"),)
+_BETAS_INVALID = (({"betas": (1.0, 0.999)}, r"betas\[0\]"), ({"betas": (0.9, -0.1)}, r"betas\[1\]"))
+_EPS_INVALID = (({"eps": 0.0}, "eps"),)
+_WD_INVALID = (({"weight_decay": -0.1}, "weight_decay"),)
+
+SPECS: dict[str, OptimizerSpec] = {s.name: s for s in [
+    OptimizerSpec(
+        "lion", optim.Lion, "sign", "2302.06675", parity="lion-pytorch",
+        configs=(({}, "default"), ({"weight_decay": 0.1}, "decoupled wd"),
+                 ({"betas": (0.95, 0.98)}, "stable betas"), ({"maximize": True}, "maximize")),
+        invalid=_COMMON_INVALID + _BETAS_INVALID + _WD_INVALID,
+        quadratic_lr=3e-2, rosenbrock_lr=1e-2),
+    OptimizerSpec(
+        "adamp", optim.AdamP, "adam", "2006.08217", parity="adamp",
+        configs=(({}, "default"), ({"weight_decay": 1e-2}, "wd"), ({"nesterov": True}, "nesterov"),
+                 ({"maximize": True}, "maximize")),
+        invalid=_COMMON_INVALID + _BETAS_INVALID + _EPS_INVALID + _WD_INVALID +
+        (({"delta": -1.0}, "delta"), ({"wd_ratio": 2.0}, "wd_ratio")),
+        quadratic_lr=1e-1, rosenbrock_lr=2e-2),
+    OptimizerSpec(
+        "sgdp", optim.SGDP, "sgd", "2006.08217", parity="adamp",
+        base_kwargs={"lr": 1e-2},
+        configs=(({"momentum": 0.9}, "momentum"), ({"momentum": 0.9, "nesterov": True}, "nesterov"),
+                 ({"momentum": 0.9, "weight_decay": 1e-3}, "wd"), ({}, "plain")),
+        invalid=_COMMON_INVALID + _EPS_INVALID + _WD_INVALID +
+        (({"momentum": 1.5}, "momentum"), ({"dampening": -1}, "dampening"), ({"delta": -1.0}, "delta")),
+        quadratic_lr=1e-2, rosenbrock_lr=1e-3),
+    OptimizerSpec(
+        "diffgrad", optim.DiffGrad, "adam", "1909.11015",
+        configs=(({}, "default"), ({"weight_decay": 1e-3}, "coupled L2"), ({"maximize": True}, "maximize")),
+        invalid=_COMMON_INVALID + _BETAS_INVALID + _EPS_INVALID + _WD_INVALID,
+        quadratic_lr=1e-1, rosenbrock_lr=2e-2),
+    OptimizerSpec(
+        "sophiag", optim.SophiaG, "second-order", "2305.14342", parity="sophia-opt",
+        configs=(({}, "default"), ({"weight_decay": 0.0, "rho": 0.05, "bs": 1}, "bs=1"),
+                 ({"maximize": True}, "maximize")),
+        invalid=_COMMON_INVALID + _BETAS_INVALID + _EPS_INVALID + _WD_INVALID +
+        (({"rho": 0.0}, "rho"), ({"bs": 0}, "bs")),
+        quadratic_lr=3e-2, rosenbrock_lr=1e-2),
+    OptimizerSpec(
+        "sophiah", optim.SophiaH, "second-order", "2305.14342",
+        configs=(({}, "default"), ({"weight_decay": 0.1}, "wd"), ({"distribution": "gaussian"}, "gaussian")),
+        invalid=_COMMON_INVALID + _BETAS_INVALID + _EPS_INVALID + _WD_INVALID +
+        (({"rho": -1.0}, "rho"), ({"samples": 0}, "samples"), ({"distribution": "x"}, "distribution")),
+        quadratic_lr=3e-2, rosenbrock_lr=1e-2),
+    OptimizerSpec(
+        "spam", optim.SPAM, "adam", "2501.06842",
+        configs=(({}, "paper"), ({"compat": "official"}, "official"),
+                 ({"reset_interval": 50, "warmup_steps": 10, "grad_accu_steps": 5}, "frequent resets"),
+                 ({"weight_decay": 1e-2}, "wd")),
+        invalid=_COMMON_INVALID + _BETAS_INVALID + _EPS_INVALID + _WD_INVALID +
+        (({"threshold": -1}, "threshold"), ({"reset_interval": -1}, "reset_interval"),
+         ({"warmup_steps": -5}, "warmup_steps"), ({"compat": "x"}, "compat")),
+        quadratic_lr=1e-1, rosenbrock_lr=2e-2),
+    OptimizerSpec(
+        "stablespam", optim.StableSPAM, "adam", "2502.17055",
+        configs=(({}, "paper"), ({"compat": "official", "total_T": 500}, "official"),
+                 ({"reset_interval": 50, "total_T": 300}, "frequent resets"),
+                 ({"adaclip": False, "adagn": False}, "plain")),
+        invalid=_COMMON_INVALID + _BETAS_INVALID + _EPS_INVALID + _WD_INVALID +
+        (({"gamma1": 1.0}, "gamma1"), ({"gamma3": -0.1}, "gamma3"), ({"eta_min": 2.0}, "eta_min"),
+         ({"total_T": 0}, "total_T"), ({"compat": "x"}, "compat")),
+        quadratic_lr=1e-1, rosenbrock_lr=2e-2),
+    OptimizerSpec(
+        "classp", optim.CLASSP, "adagrad", "2405.09637",
+        configs=(({"threshold": 0.0}, "no threshold"), ({"threshold": 0.0, "power": 2.0}, "AdaGrad power"),
+                 ({"threshold": 0.0, "compat": "official"}, "official"), ({}, "default threshold")),
+        invalid=_COMMON_INVALID + _EPS_INVALID +
+        (({"threshold": -1.0}, "threshold"), ({"power": 0.0}, "power"), ({"compat": "x"}, "compat")),
+        quadratic_lr=5e-1, rosenbrock_lr=1e-1),
+]}
+
+
+def list_optimizers() -> list[str]:
+    """Names accepted by :func:`create`, sorted."""
+    return sorted(SPECS)
+
+
+def get_spec(name: str) -> OptimizerSpec:
+    try:
+        return SPECS[name.lower()]
+    except KeyError:
+        raise ValueError(f"Unknown optimizer {name!r}; valid: {', '.join(list_optimizers())}") from None
+
+
+def create(name: str, model_or_params: Any, *, overrides: dict[str, dict[str, Any]] | None = None,
+           head_pattern: str | None = None, **hyperparams: Any):
+    """Build optimizer ``name`` for a model (auto-partitioned, named groups) or for parameters.
+
+    With a model, biases/norms/1-D tensors get ``weight_decay=0`` (when the method has weight
+    decay); ``overrides`` maps a group kind (``matrix, embedding, head, no_decay``) to extra group
+    keys.  Everything else goes to the optimizer's constructor.
+    """
+    cls = get_spec(name).cls
+    if isinstance(model_or_params, nn.Module):
+        opts: dict[str, Any] = {"overrides": overrides}
+        if head_pattern is not None:
+            opts["head_pattern"] = head_pattern
+        groups = as_params(model_or_params, **opts)
+        if "weight_decay" not in inspect.signature(cls).parameters:
+            for g in groups:
+                g.pop("weight_decay", None)
+        return cls(groups, **hyperparams)
+    if overrides or head_pattern:
+        raise ValueError("overrides/head_pattern need a model (nn.Module), not a parameter list")
+    return cls(model_or_params, **hyperparams)
