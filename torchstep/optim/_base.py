@@ -148,9 +148,10 @@ class TorchstepOptimizer(torch.optim.Optimizer):
         for i in bad:
             group, p = todo[i]
             if group["nonfinite"] == "raise":
-                gi = self.param_groups.index(group)
+                gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+                pi = next(i for i, q in enumerate(group["params"]) if q is p)
                 names = group.get("param_names")
-                where = names[group["params"].index(p)] if names else f"#{group['params'].index(p)}"
+                where = names[pi] if names else f"#{pi}"
                 raise FloatingPointError(f"non-finite gradient in parameter {where} of group {gi}")
         return [todo[i] for i in range(len(todo)) if i not in bad]
 
@@ -188,7 +189,8 @@ class TorchstepOptimizer(torch.optim.Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("nonfinite", "skip")
             for key, value in self.defaults.items():
-                group.setdefault(key, value)  # flags added after a checkpoint was written
+                if key != "differentiable":  # torch's own __setstate__ adds it to defaults
+                    group.setdefault(key, value)  # flags added after a checkpoint was written
         for s in self.state.values():
             if "step" in s and not torch.is_tensor(s["step"]):
                 s["step"] = torch.tensor(float(s["step"]))
