@@ -56,9 +56,11 @@ SPECS: dict[str, OptimizerSpec] = {s.name: s for s in [
         "sgdp", optim.SGDP, "sgd", "2006.08217", parity="adamp",
         base_kwargs={"lr": 1e-2},
         configs=(({"momentum": 0.9}, "momentum"), ({"momentum": 0.9, "nesterov": True}, "nesterov"),
-                 ({"momentum": 0.9, "weight_decay": 1e-3}, "wd"), ({}, "plain")),
+                 ({"momentum": 0.9, "weight_decay": 1e-3}, "wd"), ({}, "plain"),
+                 ({"momentum": 0.9, "compat": "official"}, "official")),
         invalid=_COMMON_INVALID + _EPS_INVALID + _WD_INVALID +
-        (({"momentum": 1.5}, "momentum"), ({"dampening": -1}, "dampening"), ({"delta": -1.0}, "delta")),
+        (({"momentum": 1.5}, "momentum"), ({"dampening": -1}, "dampening"), ({"delta": -1.0}, "delta"),
+         ({"compat": "x"}, "compat")),
         # Plain gradient descent (no momentum) needs more than 6000 Rosenbrock steps at a stable lr.
         quadratic_lr=1e-2, rosenbrock_lr=1e-3, skip_rosenbrock=("plain",)),
     OptimizerSpec(

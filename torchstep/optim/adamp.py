@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.optim.optimizer import required
 
-from ._base import TorchstepOptimizer, check_range, scalar
+from ._base import TorchstepOptimizer, check_choice, check_range, scalar
 
 
 def project_radial(p: Tensor, grad: Tensor, update: Tensor, delta: float, wd_ratio: float,
@@ -33,7 +33,8 @@ def project_radial(p: Tensor, grad: Tensor, update: Tensor, delta: float, wd_rat
         radial = p_n * (p_n * update).reshape(rows, -1).sum(dim=1).view(expand)
         update = update - radial * fires
         fired_before = fired_before | fires
-    return update, torch.where(fired_before, wd_ratio, 1.0).to(p.dtype)
+    ratio = torch.full((), wd_ratio, dtype=p.dtype, device=p.device)  # exact in p's dtype
+    return update, ratio.where(fired_before, 1.0)
 
 
 class _ProjectionMixin:
@@ -106,23 +107,28 @@ class SGDP(_ProjectionMixin, TorchstepOptimizer):
     ``Π`` as in :class:`AdamP`.  Defaults: ``lr`` required (as torch SGD), ``momentum=0,
     dampening=0, weight_decay=0, nesterov=False, eps=1e-8, delta=0.1, wd_ratio=0.1``.
     Paper: arXiv 2006.08217; official code clovaai/AdamP (pip ``adamp``) — parity tested.
-    Memory: 1 buffer.
+
+    Deviation (``compat``): without Nesterov the official code projects ``u = b`` **in place**,
+    so the momentum buffer itself loses its radial part whenever the projection fires.  The
+    paper's algorithm keeps ``b`` unprojected — our default ``compat="paper"``;
+    ``compat="official"`` reproduces the package bit for bit.  Memory: 1 buffer.
     """
 
     def __init__(self, params: Any, lr: float = required, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
-                 eps: float = 1e-8, delta: float = 0.1, wd_ratio: float = 0.1, *,
+                 eps: float = 1e-8, delta: float = 0.1, wd_ratio: float = 0.1, compat: str = "paper", *,
                  maximize: bool = False, nonfinite: str = "skip") -> None:
         if lr is required:
             raise ValueError("Invalid lr: required (SGDP has no default learning rate)")
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov, eps=eps,
-                                      delta=delta, wd_ratio=wd_ratio, maximize=maximize,
+                                      delta=delta, wd_ratio=wd_ratio, compat=compat, maximize=maximize,
                                       nonfinite=nonfinite))
 
     def _validate(self, group):
         super()._validate(group)
         check_range("dampening", group["dampening"], 0.0, 1.0)
+        check_choice("compat", group["compat"], ("paper", "official"))
 
     def _init_state(self, p, state, group):
         state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -134,6 +140,8 @@ class SGDP(_ProjectionMixin, TorchstepOptimizer):
         buf.mul_(mu).add_(grad, alpha=1 - group["dampening"])
         update = grad + mu * buf if group["nesterov"] else buf
         update, ratio = project_radial(p, grad, update, group["delta"], group["wd_ratio"], group["eps"])
+        if group["compat"] == "official" and not group["nesterov"] and update is not buf:
+            buf.copy_(update)
         if group["weight_decay"] > 0:
             p.mul_(1 - lr * group["weight_decay"] * ratio / (1 - mu))
         p.add_(update, alpha=-lr)
