@@ -1,0 +1,120 @@
+"""SophiaG / SophiaH: parity with sophia-opt, the clipped update, and both Hessian estimators."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torchstep.ops import gnb_sampled_loss, hutchinson_diagonal
+from torchstep.optim import SophiaG, SophiaH
+
+
+def test_before_any_hessian_estimate_the_update_is_sign_momentum():
+    x = torch.zeros(4, requires_grad=True)
+    x.grad = torch.tensor([0.3, -2.0, 0.0, 1e-6])
+    SophiaG([x], lr=0.1, weight_decay=0.0).step()
+    assert torch.equal(x.detach(), torch.tensor([-0.1, 0.1, 0.0, -0.1]))
+
+
+def test_unclipped_regime_is_newton_like():
+    x = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = SophiaG([x], lr=0.1, betas=(0.9, 0.99), rho=0.5, bs=10, weight_decay=0.0)
+    x.grad = torch.tensor([2.0, 3.0, 4.0], dtype=torch.float64)
+    opt.update_hessian()
+    h = opt.state[x]["hessian"].clone()
+    torch.testing.assert_close(h, 0.01 * x.grad ** 2)        # h = (1 − β2)·ĝ², b not folded in
+    x.grad = torch.tensor([0.01, -0.02, 0.03], dtype=torch.float64)
+    opt.step()
+    m = 0.1 * x.grad
+    torch.testing.assert_close(x.detach(), -0.1 * m / (0.5 * 10 * h), rtol=1e-7, atol=0)
+
+
+def test_parity_with_sophia_opt_including_hessian_refreshes():
+    sophia_opt = pytest.importorskip("sophia_opt")
+    g = torch.Generator().manual_seed(0)
+    ours = [torch.randn(12, 7, generator=g).requires_grad_(), torch.randn(7, generator=g).requires_grad_()]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    kw = dict(lr=2e-3, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1)
+    a, b = SophiaG(ours, bs=64, **kw), sophia_opt.SophiaG(theirs, **kw)
+    for it in range(40):
+        for p, q in zip(ours, theirs):
+            gr = torch.randn(p.shape, generator=g)
+            p.grad, q.grad = gr.clone(), gr.clone()
+        a.step(), b.step(bs=64)
+        if it % 10 == 9:
+            for p, q in zip(ours, theirs):
+                gr = torch.randn(p.shape, generator=g) * 0.1
+                p.grad, q.grad = gr.clone(), gr.clone()
+            a.update_hessian(), b.update_hessian()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
+        torch.testing.assert_close(a.state[p]["hessian"], b.state[q]["hessian"], rtol=1e-6, atol=0)
+
+
+def test_gnb_estimator_matches_the_gauss_newton_diagonal():
+    # Linear softmax model z = W x: the Gauss–Newton diagonal of mean CE over a batch of B is
+    # (1/B) Σ_n (diag(p_n) − p_n p_nᵀ)_{kk} x_{nj}² = (1/B) Σ_n p_nk(1 − p_nk) x_nj².
+    # E[B · ĝ²] equals it when labels are sampled from the model (Bartlett identity), B = 1.
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 4, generator=g, dtype=torch.float64)
+    probs = (x @ W.T).softmax(-1)[0]
+    analytic = (probs * (1 - probs))[:, None] * x[0][None, :] ** 2
+    samples = 20_000
+    total, total_sq = torch.zeros_like(W), torch.zeros_like(W)
+    for _ in range(samples):
+        (grad,) = torch.autograd.grad(gnb_sampled_loss(x @ W.T, generator=g), W)
+        total += grad ** 2
+        total_sq += grad ** 4
+    mean = total / samples
+    stderr = ((total_sq / samples - mean ** 2) / samples).sqrt()
+    assert torch.all((mean - analytic).abs() <= 4 * stderr + 1e-12)
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_hutchinson_is_unbiased_for_the_hessian_diagonal(distribution):
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    H = A @ A.T + torch.eye(6, dtype=torch.float64)
+    x = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    n = 4000
+    est = hutchinson_diagonal(0.5 * x @ H @ x, [x], samples=n, distribution=distribution, generator=g)[0]
+    # variance of u_i(Hu)_i is Σ_{j≠i} H_ij² (Rademacher) or that + 2H_ii² (Gaussian)
+    off = (H ** 2).sum(1) - H.diag() ** 2
+    var = off if distribution == "rademacher" else off + 2 * H.diag() ** 2
+    assert torch.all((est - H.diag()).abs() <= 4 * (var / n).sqrt())
+    if distribution == "rademacher":  # a diagonal Hessian is recovered exactly by Rademacher probes
+        D = torch.diag(torch.arange(1.0, 7.0, dtype=torch.float64))
+        exact = hutchinson_diagonal(0.5 * x @ D @ x, [x], generator=g)[0]
+        torch.testing.assert_close(exact, D.diag())
+
+
+def test_sophiah_update_hessian_and_step_on_a_quadratic():
+    D = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)
+    x = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    opt = SophiaH([x], lr=1.0, rho=1.0, betas=(0.0, 0.0), eps=1e-12)
+    opt.update_hessian(lambda: 0.5 * (D * x ** 2).sum())
+    torch.testing.assert_close(opt.state[x]["hessian"], D)    # Rademacher probes, diagonal H: exact
+    opt.zero_grad()
+    (0.5 * (D * x ** 2).sum()).backward()
+    opt.step()
+    # β1 = 0: m = g = D x; update = clip(m/(ρ h), 1) = clip(x, 1) = x → one Newton step to 0
+    torch.testing.assert_close(x.detach(), torch.zeros(3, dtype=torch.float64))
+
+
+def test_sophiag_gnb_training_loop_from_the_docstring_runs_and_learns():
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    X = torch.randn(256, 8, generator=g)
+    y = (X[:, :4]).argmax(-1)
+    opt = SophiaG(model.parameters(), lr=2e-2, rho=0.05, weight_decay=0.0, bs=256)
+    first = F.cross_entropy(model(X), y).item()
+    for step in range(100):
+        loss = F.cross_entropy(model(X), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 10 == 9:
+            gnb_sampled_loss(model(X), generator=g).backward()
+            opt.update_hessian()
+            opt.zero_grad(set_to_none=True)
+    assert F.cross_entropy(model(X), y).item() < 0.5 * first
+    assert all(opt.state[p]["hessian"].abs().sum() > 0 for p in model.parameters())
