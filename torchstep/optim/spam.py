@@ -132,7 +132,10 @@ class StableSPAM(TorchstepOptimizer):
     so the reset step uses this step's gradient, and ``s_t`` stays at ``η_min`` after ``total_T``.
     ``"official"`` (TianjinYellow/StableSPAM) updates and applies the **old** moments with
     step-1 bias corrections (≈1.8× a normal step), then replaces them by zeros (that step's
-    gradient is lost), and ``s_t`` is periodic past ``total_T``.
+    gradient is lost, so the next step is ≈0.74×), ``s_t`` is periodic past ``total_T``, and the
+    bias corrections of AdaClip/AdaGN use the per-parameter counter that the reset sets back to
+    1 (so clipping is nearly off for a while after each reset); ``"paper"`` uses the total step
+    there, because those running statistics are never reset.
 
     Defaults: ``lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, gamma1=0.7, gamma2=0.9,
     gamma3=0.999, total_T=None, eta_min=0.5, reset_interval=1000`` (BF16 recipe:
@@ -184,20 +187,22 @@ class StableSPAM(TorchstepOptimizer):
         lr, eps = scalar(group["lr"]), group["eps"]
         official = group["compat"] == "official"
         s = self.schedule_factor(t, group["total_T"], group["eta_min"], periodic=official)
+        dt = group["reset_interval"]
+        # official: the counter used by AdaClip/AdaGN restarts at 1 after each reset
+        ema_t = t if not official or dt <= 0 or t <= dt else t - dt * ((t - 1) // dt) + 1
         decay_(p, lr, group["weight_decay"])
         if group["adaclip"]:
             g3 = group["gamma3"]
             absmax = grad.abs().max()
             state["max_abs_avg"].mul_(g3).add_(absmax, alpha=1 - g3)
-            grad = clip_to_running_max(grad, state["max_abs_avg"] / (1 - g3 ** t), absmax)
+            grad = clip_to_running_max(grad, state["max_abs_avg"] / (1 - g3 ** ema_t), absmax)
         if group["adagn"]:
             g1, g2 = group["gamma1"] * s, group["gamma2"]
             norm = torch.linalg.vector_norm(grad)
             state["norm_avg"].mul_(g1).add_(norm, alpha=1 - g1)
             state["norm_sq_avg"].mul_(g2).add_(norm.square(), alpha=1 - g2)
-            kappa = (state["norm_avg"] / (1 - g1 ** t)) / ((state["norm_sq_avg"] / (1 - g2 ** t)).sqrt() + eps)
+            kappa = (state["norm_avg"] / (1 - g1 ** ema_t)) / ((state["norm_sq_avg"] / (1 - g2 ** ema_t)).sqrt() + eps)
             grad = grad * (kappa / norm.clamp_min(torch.finfo(norm.dtype).tiny))
-        dt = group["reset_interval"]
         reset = dt > 0 and t % dt == 0
         adam_t = t if dt <= 0 or t < dt else t % dt + 1
         if reset and not official:
