@@ -118,3 +118,13 @@ def test_sophiag_gnb_training_loop_from_the_docstring_runs_and_learns():
             opt.zero_grad(set_to_none=True)
     assert F.cross_entropy(model(X), y).item() < 0.5 * first
     assert all(opt.state[p]["hessian"].abs().sum() > 0 for p in model.parameters())
+
+
+def test_sophiah_negative_curvature_estimate_never_flips_the_step():
+    x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = SophiaH([x], lr=0.1, rho=1.0, betas=(0.0, 0.0), eps=1e-12)
+    opt.update_hessian(lambda: -0.5 * (x ** 2).sum() + 0 * x.sum())   # H = −I: estimate −1
+    assert torch.equal(opt.state[x]["hessian"], -torch.ones(2, dtype=torch.float64))
+    x.grad = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    opt.step()
+    assert torch.equal(x.detach(), torch.tensor([-0.1, 0.1], dtype=torch.float64))   # clipped sign step, downhill

@@ -29,9 +29,13 @@ class _Sophia(TorchstepOptimizer):
         exp_avg = state["exp_avg"]
         decay_(p, lr, group["weight_decay"])
         exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-        # sign(m)·min(|m|/(ρ·b·h + ε), 1) ≡ clamp(m/(ρ·b·h + ε), −1, 1) for the positive denominator
-        denom = state["hessian"].mul(group["rho"] * group["bs"]).add_(group["eps"])
-        p.add_(exp_avg.div(denom).clamp_(-1.0, 1.0), alpha=-lr)
+        # sign(m)·min(|m|/d, 1) ≡ clamp(m/d, −1, 1) for the positive denominator d
+        p.add_(exp_avg.div(self._denominator(state["hessian"], group)).clamp_(-1.0, 1.0), alpha=-lr)
+
+    @staticmethod
+    def _denominator(hessian: Tensor, group: dict) -> Tensor:
+        """Official Sophia-G: ρ·b·h + ε (the GNB estimate is never negative)."""
+        return hessian.mul(group["rho"] * group["bs"]).add_(group["eps"])
 
     @torch.no_grad()
     def _accumulate_hessian(self, pairs: Sequence[tuple[dict, Tensor, Tensor]]) -> None:
@@ -98,8 +102,9 @@ class SophiaG(_Sophia):
 class SophiaH(_Sophia):
     r"""Sophia-H: Sophia with Hutchinson's Hessian-diagonal estimator ``u ⊙ (∇²L u)``.
 
-    Same step as :class:`SophiaG` with ``b = 1`` (``bs`` is fixed to 1 by default):
-    ``θ ← θ(1−ηλ) − η·clip(m/(ρ h + ε), 1)``; ``h ← β2 h + (1−β2) u⊙(Hu)`` whenever you call
+    Same step as :class:`SophiaG` with ``b = 1`` and the paper's guarded denominator:
+    ``θ ← θ(1−ηλ) − η·clip(m/max(ρ h, ε), 1)`` (a Hutchinson estimate can be negative, where
+    ``ρh + ε`` would flip the step's sign); ``h ← β2 h + (1−β2) u⊙(Hu)`` whenever you call
     :meth:`update_hessian` with a loss that still holds its graph::
 
         if step % k == 0:
@@ -107,8 +112,7 @@ class SophiaH(_Sophia):
 
     Defaults: ``lr=6e-4, betas=(0.96, 0.99), rho=0.01, weight_decay=0, eps=1e-12``.  These equal
     pip ``pytorch-optimizer``'s SophiaH defaults (``lr=6e-2, p=1e-2``), whose update is
-    ``η'·clip(m/max(h, ε), p)``: ``η'·clip(m/h, p) = (η'p)·clip(m/(h/p)·…)`` gives η = η'·p and
-    ρ = p.  Paper: arXiv 2305.14342 (Sophia-H variant); no official PyTorch code.
+    ``η'·clip(m/max(h, ε), p) = η'p·clip(m/(p·h), 1)``, i.e. η = η'·p and ρ = p.  Paper: arXiv 2305.14342 (Sophia-H variant); no official PyTorch code.
     Memory: 2 buffers; one extra Hessian-vector product per refresh.
     """
 
@@ -119,6 +123,11 @@ class SophiaH(_Sophia):
         super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps,
                                       samples=samples, distribution=distribution, bs=bs,
                                       maximize=maximize, nonfinite=nonfinite))
+
+    @staticmethod
+    def _denominator(hessian: Tensor, group: dict) -> Tensor:
+        """Paper form max(ρ·h, ε): Hutchinson estimates can be negative on non-convex losses."""
+        return hessian.mul(group["rho"] * group["bs"]).clamp_min_(group["eps"])
 
     def _validate(self, group):
         super()._validate(group)
