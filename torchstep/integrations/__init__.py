@@ -1,0 +1,1 @@
+"""Adapters for trainers: Hugging Face (``hf``), timm (``timm``).  Lightning needs none."""
