@@ -115,7 +115,7 @@ def test_whole_tensor_view_fires_when_only_it_qualifies():
     grad[1:, 1] = 1.0
     update = torch.randn(theta.shape, generator=torch.Generator().manual_seed(5), dtype=theta.dtype)
     out, ratio = project_radial(theta, grad, update.clone(), delta=0.1, wd_ratio=0.1, eps=1e-8)
-    assert ratio.item() == pytest.approx(0.1)
+    assert float(ratio) == pytest.approx(0.1)
     flat = theta.reshape(-1) / theta.norm()
     before = abs((update.reshape(-1) * flat).sum().item())
     after = abs((out.reshape(-1) * flat).sum().item())
@@ -134,3 +134,19 @@ def test_sgdp_decay_factor_when_projection_fires():
     # first step: buffer = g, projection removes nothing radial from an orthogonal g
     expected = before * (1 - lr * wd * 0.1 / (1 - mu)) - lr * p.grad
     torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("orthogonal", [False, True])
+def test_sync_free_projection_path_equals_the_branching_path(orthogonal):
+    from torchstep.optim.adamp import project_radial
+    g = torch.Generator().manual_seed(6)
+    for shape in [(8, 4, 3, 3), (16, 10), (50, 40)]:
+        p = torch.randn(shape, generator=g, dtype=torch.float64)
+        grad = _scale_invariant_grads([p], g)[0] if orthogonal else torch.randn(shape, generator=g, dtype=p.dtype)
+        update = torch.randn(shape, generator=g, dtype=p.dtype)
+        a, ra = project_radial(p, grad, update, 0.1, 0.1, 1e-8, sync_free=False)
+        b, rb = project_radial(p, grad, update, 0.1, 0.1, 1e-8, sync_free=True)
+        torch.testing.assert_close(a, b, rtol=1e-15, atol=1e-15)
+        assert float(ra) == float(rb)
+        if orthogonal:
+            assert float(ra) == 0.1

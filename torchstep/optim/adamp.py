@@ -13,26 +13,52 @@ from ._base import TorchstepOptimizer, check_choice, check_range, scalar
 
 
 def project_radial(p: Tensor, grad: Tensor, update: Tensor, delta: float, wd_ratio: float,
-                   eps: float) -> tuple[Tensor, Tensor | float]:
-    """AdamP/SGDP projection (arXiv 2006.08217, Alg. 1–2), branch-free (no host sync).
+                   eps: float, sync_free: bool | None = None) -> tuple[Tensor, Tensor | float]:
+    """AdamP/SGDP projection (arXiv 2006.08217, Alg. 1–2).
 
     Views tried in order: per output channel (``p.view(p.shape[0], -1)``), then the whole
     tensor.  The first view whose max |cos(g_i, θ_i)| is below ``delta/sqrt(row length)``
     gets ``u_i ← u_i − θ̂_i⟨θ̂_i, u_i⟩`` and the weight-decay factor ``wd_ratio``.
-    Returns the (new) update and the decay multiplier (1 where no projection fired).
+    Returns the update (a new tensor when projected) and the decay multiplier.
+
+    Execution path (chosen by measurement, docs/speed.md): on CPU the trigger is read with a
+    Python branch (no device sync exists there) and only the firing view is computed; on
+    accelerators (``sync_free``) both views are computed and selected with ``torch.where``, so
+    the step never waits on the host.  Both paths are tested to agree.
     """
     if p.dim() <= 1:
         return update, 1.0
+    if sync_free is None:
+        sync_free = p.device.type != "cpu"
+    # Row statistics are computed once; the whole-tensor view reuses them (no extra passes).
+    # cos = |⟨g,θ⟩| / (max(‖g‖,ε)·max(‖θ‖,ε)) equals F.cosine_similarity's definition.
+    rows = p.shape[0]
+    pv, gv, uv = p.reshape(rows, -1), grad.reshape(rows, -1), update.reshape(rows, -1)
+    g_dot_p = torch.linalg.vecdot(gv, pv, dim=1)
+    g_norm, p_norm = torch.linalg.vector_norm(gv, dim=1), torch.linalg.vector_norm(pv, dim=1)
+    u_dot_p = torch.linalg.vecdot(uv, pv, dim=1)
+    views = (
+        (g_dot_p.abs() / (g_norm.clamp_min(eps) * p_norm.clamp_min(eps)), pv.shape[1],
+         u_dot_p / (p_norm + eps).square()),
+        (g_dot_p.sum().abs() / (g_norm.square().sum().sqrt().clamp_min(eps) *
+                                p_norm.square().sum().sqrt().clamp_min(eps)), p.numel(),
+         u_dot_p.sum() / (p_norm.square().sum().sqrt() + eps).square()),
+    )
     expand = [-1] + [1] * (p.dim() - 1)
     fired_before = torch.zeros((), dtype=torch.bool, device=p.device)
-    for rows in (p.shape[0], 1):
-        pv, gv = p.reshape(rows, -1), grad.reshape(rows, -1)
-        cos = F.cosine_similarity(gv, pv, dim=1, eps=eps).abs_()
-        fires = (cos.max() < delta / math.sqrt(pv.shape[1])) & ~fired_before
-        p_n = p / pv.norm(dim=1).view(expand).add_(eps)
-        radial = p_n * (p_n * update).reshape(rows, -1).sum(dim=1).view(expand)
-        update = update - radial * fires
+    for cos, length, coef in views:
+        fires = cos.max() < delta / math.sqrt(length)
+        # radial part of u along θ̂ = θ/(‖θ‖+ε): θ̂⟨θ̂,u⟩ = θ·⟨θ,u⟩/(‖θ‖+ε)²
+        coef = coef.view(expand) if coef.dim() else coef
+        if not sync_free:
+            if fires:
+                return update - p * coef, wd_ratio
+            continue
+        fires = fires & ~fired_before
+        update = update - p * coef * fires
         fired_before = fired_before | fires
+    if not sync_free:
+        return update, 1.0
     ratio = torch.full((), wd_ratio, dtype=p.dtype, device=p.device)  # exact in p's dtype
     return update, ratio.where(fired_before, 1.0)
 
@@ -82,13 +108,13 @@ class AdamP(_ProjectionMixin, TorchstepOptimizer):
         lr, eps = scalar(group["lr"]), group["eps"]
         beta1, beta2 = group["betas"]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
+        denom = exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2 ** t)).add_(eps)
         if group["nesterov"]:
-            update = (beta1 * exp_avg + (1 - beta1) * grad) / denom
+            update = (beta1 * exp_avg + (1 - beta1) * grad).div_(denom)
         else:
-            update = exp_avg / denom
+            update = torch.div(exp_avg, denom, out=denom)   # reuse the temporary
         update, ratio = project_radial(p, grad, update, group["delta"], group["wd_ratio"], eps)
         if group["weight_decay"] > 0:
             p.mul_(1 - lr * group["weight_decay"] * ratio)

@@ -1,0 +1,1 @@
+"""Benchmarks.  ``speed``: optimizer step-time microbenchmark."""

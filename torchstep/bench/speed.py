@@ -1,0 +1,126 @@
+"""Step-time microbenchmark: ``optimizer.step()`` for every registered optimizer, CPU, 1 thread.
+
+Protocol (``../shared/reference/benchmarking.md`` §5): a fixed set of parameter shapes with fixed
+random gradients (restored before every step, untimed), warm-up steps excluded, candidates
+interleaved over rounds so drift hits all of them alike, **median** ms per step reported with
+ratios to ``torch.optim.AdamW`` (for-loop, foreach and fused) measured in the same run, and to the
+same method in pip ``pytorch-optimizer`` when it is installed (its default execution path).
+
+Run: ``torchstep bench speed`` or ``python -m torchstep.bench.speed``.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+from ..registry import SPECS
+
+#: 24 matrices, 24 vectors and two large blocks: 3.3M parameters, a small transformer's mix
+SHAPES = [(256, 256)] * 24 + [(256,)] * 24 + [(1024, 512)] * 2
+
+#: same method in pip pytorch-optimizer: (class name, constructor kwargs)
+PEERS = {"lion": ("Lion", {}), "adamp": ("AdamP", {}), "sgdp": ("SGDP", {"momentum": 0.9}),
+         "diffgrad": ("DiffGrad", {}), "spam": ("SPAM", {}), "stablespam": ("StableSPAM", {})}
+
+#: torchstep constructor kwargs for the timed configuration (matching the peers')
+OURS = {"sgdp": {"lr": 1e-3, "momentum": 0.9}}
+
+
+def _params(seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=g).requires_grad_() for s in SHAPES]
+    grads = [torch.randn(s, generator=g) * 1e-2 for s in SHAPES]
+    for p, gr in zip(params, grads):
+        p.grad = gr.clone()
+    return params, grads
+
+
+def candidates() -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
+    adamw = dict(lr=1e-3, weight_decay=1e-2)
+    out: dict[str, Callable[[list[torch.Tensor]], Any]] = {
+        "torch AdamW (for-loop)": lambda ps: torch.optim.AdamW(ps, foreach=False, **adamw),
+        "torch AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, foreach=True, **adamw),
+        "torch AdamW (fused)": lambda ps: torch.optim.AdamW(ps, fused=True, **adamw),
+    }
+    try:
+        import pytorch_optimizer as peer
+    except ImportError:
+        peer = None
+    for name, spec in SPECS.items():
+        out[f"torchstep {name}"] = lambda ps, spec=spec, name=name: spec.cls(ps, **OURS.get(name, {}))
+        if peer is not None and name in PEERS:
+            cls_name, kw = PEERS[name]
+            out[f"pytorch-optimizer {name}"] = lambda ps, c=getattr(peer, cls_name), kw=kw: c(ps, **kw)
+    return out
+
+
+def measure(selected: list[str] | None, rounds: int, steps: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Interleaved timing; returns per-step milliseconds for each candidate."""
+    torch.set_num_threads(1)
+    builders = candidates()
+    if selected:
+        keep = set(selected)
+        builders = {k: v for k, v in builders.items() if k.startswith("torch AdamW") or k.split()[-1] in keep}
+    setups = {}
+    for label, build in builders.items():
+        params, grads = _params()
+        setups[label] = (build(params), params, grads)
+    times: dict[str, list[float]] = {label: [] for label in setups}
+    for r in range(rounds):
+        for label, (opt, params, grads) in setups.items():
+            for i in range(warmup if r == 0 else 0) or ():
+                opt.step()
+            for _ in range(steps):
+                for p, gr in zip(params, grads):   # peers may clip .grad in place: restore, untimed
+                    p.grad.copy_(gr)
+                start = time.perf_counter()
+                opt.step()
+                times[label].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def table(times: dict[str, list[float]]) -> list[list[Any]]:
+    med = {k: statistics.median(v) for k, v in times.items()}
+    loop, fused = med["torch AdamW (for-loop)"], med["torch AdamW (fused)"]
+    rows = []
+    for label in med:
+        if label.startswith("pytorch-optimizer"):
+            continue
+        name = label.split()[-1]
+        peer = med.get(f"pytorch-optimizer {name}")
+        rows.append([label, f"{med[label]:.2f}", f"{med[label] / loop:.2f}", f"{med[label] / fused:.2f}",
+                     f"{peer:.2f}" if peer else "–", f"{med[label] / peer:.2f}" if peer else "–"])
+    return rows
+
+
+HEADERS = ["optimizer", "median ms/step", "× AdamW loop", "× AdamW fused", "pytorch-optimizer ms",
+           "× pytorch-optimizer"]
+
+
+def main(rounds: int = 3, steps: int = 30, optimizers: list[str] | None = None, out: str | None = None) -> str:
+    from tabulate import tabulate
+    times = measure(optimizers, rounds, steps)
+    n_params = sum(torch.Size(s).numel() for s in SHAPES)
+    text = tabulate(table(times), headers=HEADERS, tablefmt="github")
+    footer = (f"\n\n{len(SHAPES)} tensors, {n_params / 1e6:.2f}M fp32 parameters; {rounds} interleaved rounds × "
+              f"{steps} timed steps; 1 thread; torch {torch.__version__}; {platform.processor() or platform.machine()}")
+    print(text + footer)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text + footer + "\n")
+    return text
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--optimizers", nargs="*", default=None)
+    parser.add_argument("--out", default=None)
+    a = parser.parse_args()
+    main(a.rounds, a.steps, a.optimizers, a.out)
