@@ -130,7 +130,7 @@ class TorchstepOptimizer(torch.optim.Optimizer):
     def _finite_flags(grads: list[Tensor]) -> list[bool]:
         """One flag per gradient, from its sum: inf/NaN always propagate into a sum, and a
         fused reduction is ~30x cheaper than ``isfinite(g).all()`` on CPU (measured,
-        ``benchmarks`` in docs/speed.md).  A finite gradient whose sum overflows (|Σg| > 3.4e38
+        docs/speed.md).  A finite gradient whose sum overflows (|Σg| > 3.4e38
         in float32 accumulation) is treated as non-finite too."""
         if not grads:
             return []
