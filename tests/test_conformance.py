@@ -280,3 +280,20 @@ def test_zero_gradient_without_decay_keeps_parameters(spec):
         p.grad = torch.zeros_like(p)
     opt.step()
     assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+@pytest.mark.parametrize("spec", list(SPECS.values()), ids=list(SPECS))
+def test_older_checkpoints_without_late_flags_and_with_float_step_load(spec):
+    params = make_params()
+    opt = spec.cls(params, **spec.base_kwargs)
+    run_steps(opt, params, 2)
+    saved = roundtrip(opt.state_dict())
+    for group in saved["param_groups"]:
+        del group["nonfinite"], group["maximize"]
+    for state in saved["state"].values():
+        state["step"] = float(state["step"])
+    fresh = spec.cls(clone_params(params), **spec.base_kwargs)
+    fresh.load_state_dict(saved)
+    assert all(g["nonfinite"] == "skip" and g["maximize"] is False for g in fresh.param_groups)
+    assert all(torch.is_tensor(s["step"]) for s in fresh.state.values())
+    run_steps(fresh, fresh.param_groups[0]["params"], 1, start=2)

@@ -128,3 +128,11 @@ def test_sophiah_negative_curvature_estimate_never_flips_the_step():
     x.grad = torch.tensor([1.0, -1.0], dtype=torch.float64)
     opt.step()
     assert torch.equal(x.detach(), torch.tensor([-0.1, 0.1], dtype=torch.float64))   # clipped sign step, downhill
+
+
+def test_nonfinite_hessian_estimates_are_skipped():
+    x = torch.ones(3, requires_grad=True)
+    opt = SophiaG([x])
+    x.grad = torch.tensor([1.0, float("nan"), 2.0])
+    opt.update_hessian()
+    assert x not in opt.state or torch.isfinite(opt.state[x]["hessian"]).all()

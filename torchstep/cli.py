@@ -10,12 +10,26 @@ import sys
 from .registry import SPECS
 
 
-def cmd_list(_: argparse.Namespace) -> None:
-    rows = [(s.name, s.cls.__name__, s.family, s.arxiv, s.parity or "no (equation-level tests)")
+LIST_HEADER = ("name", "class", "family", "arXiv", "parity with official code tested")
+
+
+def list_rows() -> list[tuple[str, ...]]:
+    return [(s.name, s.cls.__name__, s.family, s.arxiv, s.parity or "no (equation-level tests)")
             for s in SPECS.values()]
-    header = ("name", "class", "family", "arXiv", "parity with official code tested")
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    for row in [header, tuple("-" * w for w in widths), *rows]:
+
+
+def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    rows = list_rows()
+    if args.markdown:
+        print(markdown_table(LIST_HEADER, rows))
+        return
+    widths = [max(len(str(r[i])) for r in rows + [LIST_HEADER]) for i in range(len(LIST_HEADER))]
+    for row in [LIST_HEADER, tuple("-" * w for w in widths), *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
@@ -32,8 +46,9 @@ def cmd_bench_speed(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchstep", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="registered optimizers with family, paper and parity status").set_defaults(
-        func=cmd_list)
+    listing = sub.add_parser("list", help="registered optimizers with family, paper and parity status")
+    listing.add_argument("--markdown", action="store_true", help="print a markdown table (as in README.md)")
+    listing.set_defaults(func=cmd_list)
     demo = sub.add_parser("demo", help="train a small MLP with every optimizer and print a comparison")
     demo.add_argument("--seeds", type=int, default=2)
     demo.add_argument("--steps", type=int, default=200)

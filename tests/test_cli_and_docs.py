@@ -1,0 +1,45 @@
+"""CLI and documentation claims that must follow the registry."""
+import pathlib
+import subprocess
+import sys
+
+import torch
+
+from torchstep import cli
+from torchstep.registry import SPECS
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_readme_optimizer_table_is_the_cli_output():
+    table = cli.markdown_table(cli.LIST_HEADER, cli.list_rows())
+    assert table in (ROOT / "README.md").read_text()
+
+
+def test_list_command_names_every_optimizer(capsys):
+    cli.main(["list"])
+    out = capsys.readouterr().out
+    for spec in SPECS.values():
+        assert spec.name in out and spec.arxiv in out
+
+
+def test_ci_runs_the_readme_test_command():
+    out = subprocess.run(["awk", '/^Run the whole test suite:/{found=1} found && /^python3 -m venv/{print; exit}',
+                          str(ROOT / "README.md")], capture_output=True, text=True).stdout.strip()
+    assert out.endswith("python -m pytest -n 2") and "torch==2.13.0" in out
+    assert "eval \"$cmd\"" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_speed_benchmark_runs_and_reports_ratios():
+    from torchstep.bench import speed
+    times = speed.measure(["lion"], rounds=1, steps=1)
+    assert {"torch AdamW (for-loop)", "torch AdamW (fused)", "torchstep lion"} <= set(times)
+    rows = {r[0]: r for r in speed.table(times)}
+    assert float(rows["torch AdamW (for-loop)"][2]) == 1.0
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
+
+
+def test_module_entry_point_help():
+    out = subprocess.run([sys.executable, "-m", "torchstep.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "bench" in out.stdout
