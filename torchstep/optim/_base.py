@@ -86,16 +86,12 @@ class TorchstepOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        # Bookkeeping keys from the partitioner and schedulers are allowed; typos are not.
         unknown = set(group) - set(self.defaults) - {"params", "param_names", "name", "initial_lr"}
-        # Routing/bookkeeping keys from schedulers and trainers are allowed; typos are not.
-        unknown = {k for k in unknown if not k.startswith("_") and k not in self._extra_group_keys}
         if unknown:
             raise ValueError(f"Unknown hyperparameter(s) {sorted(unknown)} for {type(self).__name__}; "
                              f"valid: {sorted(self.defaults)}")
         self._validate(group)
-
-    #: group keys tolerated besides the defaults (set by trainers / partitioners)
-    _extra_group_keys = frozenset({"weight_decay_exempt", "lr_scale", "base_lr"})
 
     def _validate(self, group: dict[str, Any]) -> None:
         if "lr" in group:

@@ -39,7 +39,14 @@ class _Sophia(TorchstepOptimizer):
 
     @torch.no_grad()
     def _accumulate_hessian(self, pairs: Sequence[tuple[dict, Tensor, Tensor]]) -> None:
-        for group, p, estimate in pairs:
+        """``h ← β2 h + (1−β2)·estimate``; non-finite estimates follow the group's ``nonfinite`` policy."""
+        checked = [i for i, (g, _, _) in enumerate(pairs) if g["nonfinite"] != "ignore"]
+        flags = dict(zip(checked, self._finite_flags([pairs[i][2] for i in checked])))
+        for i, (group, p, estimate) in enumerate(pairs):
+            if not flags.get(i, True):
+                if group["nonfinite"] == "raise":
+                    raise FloatingPointError("non-finite Hessian-diagonal estimate")
+                continue
             state = self.state[p]
             if not state:
                 work = p.float() if p.dtype in (torch.bfloat16, torch.float16) else p
@@ -94,9 +101,8 @@ class SophiaG(_Sophia):
     @torch.no_grad()
     def update_hessian(self) -> None:
         """``h ← β2 h + (1−β2) ĝ⊙ĝ`` from the current ``.grad`` (the GNB loss's gradient)."""
-        pairs = [(g, p, p.grad.square()) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        self._accumulate_hessian([(g, p, e) for g, p, e in pairs if torch.isfinite(e).all() or
-                                  g["nonfinite"] == "ignore"])
+        self._accumulate_hessian([(g, p, p.grad.square()) for g in self.param_groups for p in g["params"]
+                                  if p.grad is not None])
 
 
 class SophiaH(_Sophia):
@@ -144,5 +150,4 @@ class SophiaH(_Sophia):
         group0 = self.param_groups[0]
         estimates = hutchinson_diagonal(loss, [p for _, p in pairs], samples=group0["samples"],
                                         distribution=group0["distribution"], generator=generator)
-        self._accumulate_hessian([(g, p, e) for (g, p), e in zip(pairs, estimates)
-                                  if g["nonfinite"] == "ignore" or torch.isfinite(e).all()])
+        self._accumulate_hessian([(g, p, e) for (g, p), e in zip(pairs, estimates)])
