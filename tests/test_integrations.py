@@ -81,3 +81,11 @@ def test_timm_registration():
     model = torch.nn.Linear(4, 4)
     opt = timm_optim.create_optimizer_v2(model, "torchstep-lion", lr=1e-4, weight_decay=0.1)
     assert isinstance(opt, torchstep.optim.Lion)
+
+
+def test_tied_parameters_are_routed_once():
+    model = torch.nn.ModuleDict({"emb": torch.nn.Embedding(5, 4), "lm_head": torch.nn.Linear(4, 5, bias=False)})
+    model.lm_head.weight = model.emb.weight
+    assert torchstep.partition.classify(model) == {"emb.weight": "embedding"}
+    opt = torchstep.create("adamp", model)
+    assert [g["param_names"] for g in opt.param_groups] == [["emb.weight"]]

@@ -14,8 +14,7 @@ and a ``name``, so a checkpoint and a routing report say which tensor got which 
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
-
+from typing import Any, Iterable, Iterator
 
 from torch import nn
 
@@ -24,26 +23,28 @@ _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batc
                nn.RMSNorm)
 
 
-def classify(model: nn.Module, head_pattern: str = DEFAULT_HEAD_PATTERN) -> dict[str, str]:
-    """Map each trainable parameter name to one of ``matrix, embedding, head, no_decay``."""
-    kinds: dict[str, str] = {}
-    seen: set[int] = set()  # tied parameters are routed once, under their first name
-    head = re.compile(head_pattern)
+def _trainable(model: nn.Module) -> Iterator[tuple[str, str, nn.Module, nn.Parameter]]:
+    """(module name, parameter name, module, parameter); tied parameters once, under their first name."""
+    seen: set[int] = set()
     for module_name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
-            name = f"{module_name}.{pname}" if module_name else pname
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-                kinds[name] = "embedding"
-            elif p.ndim < 2 or isinstance(module, _NORM_TYPES):
-                kinds[name] = "no_decay"
-            elif head.search(module_name or pname):
-                kinds[name] = "head"
-            else:
-                kinds[name] = "matrix"
-    return kinds
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                yield module_name, f"{module_name}.{pname}" if module_name else pname, module, p
+
+
+def _kind(module_name: str, module: nn.Module, p: nn.Parameter, head: re.Pattern) -> str:
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return "embedding"
+    if p.ndim < 2 or isinstance(module, _NORM_TYPES):
+        return "no_decay"
+    return "head" if head.search(module_name) else "matrix"
+
+
+def classify(model: nn.Module, head_pattern: str = DEFAULT_HEAD_PATTERN) -> dict[str, str]:
+    """Map each trainable parameter name to one of ``matrix, embedding, head, no_decay``."""
+    head = re.compile(head_pattern)
+    return {name: _kind(mname, module, p, head) for mname, name, module, p in _trainable(model)}
 
 
 def param_groups(model: nn.Module, weight_decay: float | None = None,
@@ -54,13 +55,12 @@ def param_groups(model: nn.Module, weight_decay: float | None = None,
     ``weight_decay`` (if given) is set on decaying groups; ``overrides`` maps a kind to extra
     group keys (e.g. ``{"embedding": {"lr": 3e-4}}``).  Tied parameters appear once.
     """
-    kinds = classify(model, head_pattern)
-    tensors = {f"{m}.{n}" if m else n: p for m, mod in model.named_modules()
-               for n, p in mod.named_parameters(recurse=False)}
+    head = re.compile(head_pattern)
     groups: dict[str, dict[str, Any]] = {}
-    for name, kind in kinds.items():
+    for module_name, name, module, p in _trainable(model):
+        kind = _kind(module_name, module, p, head)
         group = groups.setdefault(kind, {"name": kind, "params": [], "param_names": []})
-        group["params"].append(tensors[name])
+        group["params"].append(p)
         group["param_names"].append(name)
     result = []
     for kind in ("matrix", "embedding", "head", "no_decay"):
