@@ -38,9 +38,53 @@ def cmd_demo(args: argparse.Namespace) -> None:
     demo.main(seeds=args.seeds, steps=args.steps)
 
 
-def cmd_bench_speed(args: argparse.Namespace) -> None:
-    from .bench import speed
-    speed.main(rounds=args.rounds, steps=args.steps, optimizers=args.optimizers, out=args.out)
+def cmd_bench(args: argparse.Namespace) -> None:
+    if args.what == "speed":
+        from .bench import speed
+        speed.main(rounds=args.rounds, steps=args.speed_steps, optimizers=args.optimizers, out=args.out)
+        return
+    from dataclasses import replace
+    from pathlib import Path
+
+    from .bench import report, sweep
+    from .bench.arms import ARMS
+    from .bench.tasks import TASKS
+    suite = sweep.SUITES[args.suite]
+    for kind, given, valid in (("task", args.tasks, TASKS), ("optimizer", args.optimizers, ARMS)):
+        unknown = [x for x in given or [] if x not in valid]
+        if unknown:
+            fail(f"unknown {kind} {', '.join(unknown)}; valid: {', '.join(valid)}")
+    if args.seeds is not None and args.seeds < 1:
+        fail(f"invalid --seeds {args.seeds}; valid: an integer >= 1")
+    if args.workers is not None and args.workers < 1:
+        fail(f"invalid --workers {args.workers}; valid: an integer >= 1")
+    suite = replace(suite, tasks=tuple(args.tasks or suite.tasks), arms=tuple(args.optimizers or suite.arms),
+                    seeds=args.seeds or suite.seeds)
+    out = Path(args.out or f"bench-out/{args.suite}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").touch()
+        (out / ".write-test").unlink()
+    except OSError as exc:
+        fail(f"output directory {out} is not writable ({exc.strerror}); choose another with --out")
+    db = sweep.sweep(suite, out, workers=args.workers, backend=args.backend, address=args.address,
+                     progress=not args.quiet)
+    path = report.write(out)
+    print(report.verdict_table(report.analyse(db)))
+    print(f"\nreport: {path}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .bench import report
+    try:
+        print(f"report: {report.write(args.dir)}")
+    except FileNotFoundError as exc:
+        fail(str(exc))
+
+
+def fail(message: str) -> None:
+    print(f"torchstep: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,13 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seeds", type=int, default=2)
     demo.add_argument("--steps", type=int, default=200)
     demo.set_defaults(func=cmd_demo)
-    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    speed = bench.add_parser("speed", help="optimizer.step() time vs torch AdamW (1 CPU thread)")
-    speed.add_argument("--rounds", type=int, default=3)
-    speed.add_argument("--steps", type=int, default=30)
-    speed.add_argument("--optimizers", nargs="*", default=None, choices=sorted(SPECS))
-    speed.add_argument("--out", default=None, help="also write the markdown table to this file")
-    speed.set_defaults(func=cmd_bench_speed)
+    bench = sub.add_parser("bench", help="optimizer comparison sweep + report (`bench speed`: step-time table)")
+    bench.add_argument("what", nargs="?", choices=["speed"], help="`speed`: the step-time microbenchmark")
+    bench.add_argument("--suite", choices=["smoke", "default", "full"], default="default")
+    bench.add_argument("--tasks", nargs="+", default=None, metavar="TASK")
+    bench.add_argument("--optimizers", nargs="+", default=None, metavar="OPTIMIZER")
+    bench.add_argument("--seeds", type=int, default=None, help="paired seeds per arm (>= 3 for a verdict)")
+    bench.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU cores)")
+    bench.add_argument("--out", default=None, help="output directory (default bench-out/<suite>)")
+    bench.add_argument("--backend", choices=["local", "ray"], default="local")
+    bench.add_argument("--address", default=None, help="Ray cluster address (with --backend ray)")
+    bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    bench.add_argument("--rounds", type=int, default=3, help="(speed) interleaved rounds")
+    bench.add_argument("--speed-steps", type=int, default=30, help="(speed) timed steps per round")
+    bench.set_defaults(func=cmd_bench)
+    rep = sub.add_parser("report", help="write report.md, figures and CSV for a results directory")
+    rep.add_argument("dir")
+    rep.set_defaults(func=cmd_report)
     return parser
 
 

@@ -1,0 +1,89 @@
+"""Run one trial: train an arm on a task for its budget and record everything the report needs."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from .arms import ARMS, ArmOptimizer
+from .store import trial_id, write_trial
+from .tasks import TASKS
+
+PROTOCOL = "torchstep-bench/1"
+DIVERGENCE_FACTOR = 10.0   # val above 10× its initial value (or non-finite) ⇒ diverged
+
+
+def resolve(task: str, arm: str, lr: float, seed: int, steps: int, phase: str, evals: int = 20) -> dict[str, Any]:
+    """The full configuration a trial is hashed from."""
+    t, a = TASKS[task], ARMS[arm]
+    return {"protocol": PROTOCOL, "task": task, "task_options": t.options, "arm": arm, "arm_kwargs": a.kwargs,
+            "lr": lr, "seed": seed, "steps": steps, "phase": phase, "evals": evals,
+            "schedule": "warmup 5% + cosine to 0", "weight_decay": 0.0}
+
+
+@lru_cache(maxsize=1)
+def environment() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(__file__), timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        rev = None
+    return {"torchstep": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version(), "cpu": cpu, "nproc": os.cpu_count(), "revision": rev}
+
+
+def run_trial(config: dict[str, Any], db_path: str | None = None) -> dict[str, Any]:
+    """Train, evaluate at ``evals`` evenly spaced points, write to ``db_path`` (if given), return the row."""
+    torch.set_num_threads(1)
+    torch.manual_seed(config["seed"])
+    task, arm = TASKS[config["task"]], ARMS[config["arm"]]
+    steps = config["steps"]
+    problem = task.problem(config["seed"])
+    opt = ArmOptimizer(arm, problem, config["lr"], steps)
+    init_val = problem.evaluate()["val"]
+    eval_at = set(np.linspace(0, steps, config["evals"] + 1).round().astype(int).tolist()[1:])
+    curve = [(0, "val", init_val, 0.0, 0.0)]
+    cpu0, wall0, opt_cpu, diverged = time.process_time(), time.perf_counter(), 0.0, False
+    for step in range(steps):
+        loss = problem.train_loss(step)
+        opt.zero_grad()
+        loss.backward()
+        t0 = time.process_time()
+        opt.step()
+        opt_cpu += time.process_time() - t0
+        opt.after_step(step)
+        if (step + 1) in eval_at or not math.isfinite(loss.item()):
+            metrics = problem.evaluate()
+            cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+            curve += [(step + 1, name, value, cpu, wall) for name, value in metrics.items()]
+            curve.append((step + 1, "train_loss", loss.item(), cpu, wall))
+            if not math.isfinite(metrics["val"]) or metrics["val"] > DIVERGENCE_FACTOR * max(abs(init_val), 1e-12):
+                diverged = True
+                break
+    final = problem.evaluate() if not diverged else {"val": float("nan")}
+    row = {
+        "trial_id": trial_id(config), "task": config["task"], "arm": config["arm"], "lr": config["lr"],
+        "seed": config["seed"], "steps": steps, "phase": config["phase"], "config": json.dumps(config, sort_keys=True),
+        "env": json.dumps({**environment(), "threads": torch.get_num_threads(), "load": os.getloadavg()}),
+        "init_val": init_val, "final_val": init_val if diverged else final["val"], "diverged": int(diverged),
+        "cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - wall0, "opt_cpu_s": opt_cpu,
+        "state_bytes": opt.state_bytes(), "final_metrics": json.dumps(final), "finished": time.time(),
+    }
+    if db_path is not None:
+        write_trial(db_path, row, [(s, n, v, c, w) for s, n, v, c, w in curve])
+    return row

@@ -1,0 +1,96 @@
+"""Statistics for the report: paired seeds, confidence intervals, tests, time-to-target, profiles."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+from scipy import stats as sps
+
+ALPHA = 0.05
+R_MAX = 4.0
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % t-interval (0 for a single value)."""
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return float(x.mean()), 0.0
+    return float(x.mean()), float(sps.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+
+
+def paired_p(a: dict[int, float], b: dict[int, float]) -> float:
+    """Two-sided paired t-test over the seeds both arms have (NaN if fewer than 2 pairs)."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return float("nan")
+    x, y = np.array([a[s] for s in seeds]), np.array([b[s] for s in seeds])
+    if np.allclose(x - y, 0):
+        return 1.0
+    return float(sps.ttest_rel(x, y).pvalue)
+
+
+def summarise(rows: list[dict[str, Any]], status: dict) -> dict[str, dict[str, dict[str, Any]]]:
+    """task → arm → {lr, finals{seed: val}, mean, ci, diverged, edge, state_bytes, opt_ms, cpu_s}."""
+    out: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    by = defaultdict(list)
+    for r in rows:
+        by[(r["task"], r["arm"])].append(r)
+    for (task, arm), rs in by.items():
+        best = status.get((task, arm), {}).get("best")
+        finals = {r["seed"]: r for r in rs if r["lr"] == best}
+        entry = {"lr": best, "edge": status.get((task, arm), {}).get("edge", False),
+                 "grid": sorted({r["lr"]: r["final_val"] for r in rs if r["seed"] == 0}.items()),
+                 "grid_diverged": sorted(r["lr"] for r in rs if r["seed"] == 0 and r["diverged"]),
+                 "finals": {s: r["final_val"] for s, r in finals.items()},
+                 "trial_ids": {s: r["trial_id"] for s, r in finals.items()},
+                 "diverged": any(r["diverged"] for r in finals.values())}
+        if finals:
+            entry["mean"], entry["ci"] = mean_ci(list(entry["finals"].values()))
+            f = list(finals.values())
+            entry["state_bytes"] = int(np.mean([r["state_bytes"] for r in f]))
+            entry["opt_ms"] = 1e3 * float(np.mean([r["opt_cpu_s"] / r["steps"] for r in f]))
+            entry["step_ms"] = 1e3 * float(np.mean([r["cpu_s"] / r["steps"] for r in f]))
+        out[task][arm] = entry
+    return out
+
+
+def verdict(task_summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Winner by mean final metric; significant only if the paired test against the runner-up passes."""
+    ranked = sorted((a for a, e in task_summary.items() if "mean" in e and not e["diverged"]),
+                    key=lambda a: task_summary[a]["mean"])
+    if not ranked:
+        return {"winner": None, "text": "no arm finished"}
+    win = ranked[0]
+    res = {"winner": win, "runner_up": ranked[1] if len(ranked) > 1 else None}
+    if res["runner_up"] is None:
+        res.update(p=float("nan"), significant=False, text=f"{win} (only arm)")
+        return res
+    p = paired_p(task_summary[win]["finals"], task_summary[res["runner_up"]]["finals"])
+    res.update(p=p, significant=bool(p < ALPHA))
+    res["text"] = f"{win}" if res["significant"] else f"no significant difference ({win} ≈ {res['runner_up']})"
+    if "adamw" in task_summary and win != "adamw":
+        res["p_vs_adamw"] = paired_p(task_summary[win]["finals"], task_summary["adamw"]["finals"])
+    return res
+
+
+def time_to_target(curve: list[tuple[int, float, float]], target: float) -> tuple[float, float]:
+    """(steps, CPU-s) of the first evaluation at or below ``target``; (inf, inf) if never reached."""
+    for step, value, cpu in curve:
+        if value <= target:
+            return float(step), float(cpu)
+    return math.inf, math.inf
+
+
+def performance_profile(steps_to_target: dict[str, dict[str, float]], taus: np.ndarray) -> dict[str, np.ndarray]:
+    """AlgoPerf-style: ρ_arm(τ) = share of tasks where arm's steps ≤ τ × the best arm's (r_max = 4)."""
+    arms = sorted({a for per_task in steps_to_target.values() for a in per_task})
+    ratios = defaultdict(list)
+    for per_task in steps_to_target.values():
+        best = min(per_task.values())
+        for arm in arms:
+            value = per_task.get(arm, math.inf)
+            ratios[arm].append(value / best if math.isfinite(best) and best > 0 else math.inf)
+    n = max(1, len(steps_to_target))
+    return {arm: np.array([sum(r <= t for r in ratios[arm]) / n for t in taus]) for arm in arms}

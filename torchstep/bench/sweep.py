@@ -1,0 +1,174 @@
+"""The sweep: learning-rate search per arm, edge extension, paired final seeds — resumable.
+
+Protocol per (task, arm):
+
+1. tuning: the arm's log grid (4 half-decade points around its default) with seed 0;
+2. if the best non-diverged point is on an edge, add two points beyond it (at most twice) — every arm
+   gets the same number of initial trials and the same extension rule;
+3. final: seeds 1…S−1 at the best lr (seed 0 is reused: the same trial), so each arm has S paired runs
+   (same initialisation and data order per seed across arms).
+
+The plan is a pure function of the results already in the database, so re-running the same command
+recomputes it, skips finished trials and continues.  Trials run in a pool of worker processes with one
+torch thread each; each worker commits its own trial to SQLite.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable
+
+from .arms import ARMS, applicable, extend, lr_grid
+from .runner import resolve, run_trial
+from .store import connect, trial_id, trials
+from .tasks import TASKS
+
+MAX_EXTENSIONS = 2
+
+
+@dataclass(frozen=True)
+class Suite:
+    tasks: tuple[str, ...]
+    arms: tuple[str, ...]
+    seeds: int = 3
+    steps: dict[str, int] | None = None    # task → budget override
+    grid_points: int = 4
+
+    def budget(self, task: str) -> int:
+        return (self.steps or {}).get(task, TASKS[task].steps)
+
+
+def best_lr(results: dict[float, dict]) -> float | None:
+    ok = {lr: r for lr, r in results.items() if not r["diverged"]}
+    return min(ok, key=lambda lr: ok[lr]["final_val"]) if ok else None
+
+
+def plan(suite: Suite, done: dict[str, dict]) -> tuple[list[dict], dict[tuple[str, str], dict]]:
+    """Trials still needed given finished ones (``trial_id → row``), and per-(task, arm) search status."""
+    pending, status = [], {}
+    for task in suite.tasks:
+        steps = suite.budget(task)
+        for arm in suite.arms:
+            if not applicable(ARMS[arm], TASKS[task]):
+                continue
+            grid, extensions = lr_grid(ARMS[arm].default_lr, suite.grid_points), 0
+            while True:
+                configs = {lr: resolve(task, arm, lr, 0, steps, "tune") for lr in grid}
+                missing = [c for c in configs.values() if trial_id(c) not in done]
+                if missing:
+                    pending += missing
+                    status[(task, arm)] = {"grid": grid, "best": None, "edge": False}
+                    break
+                best = best_lr({lr: done[trial_id(c)] for lr, c in configs.items()})
+                on_edge = best is not None and best in (grid[0], grid[-1])
+                if on_edge and extensions < MAX_EXTENSIONS:
+                    grid, extensions = extend(grid, best), extensions + 1
+                    continue
+                status[(task, arm)] = {"grid": grid, "best": best, "edge": on_edge}
+                if best is not None:
+                    finals = [resolve(task, arm, best, s, steps, "tune" if s == 0 else "final")
+                              for s in range(1, suite.seeds)]
+                    pending += [c for c in finals if trial_id(c) not in done]
+                break
+    return pending, status
+
+
+def _worker_init() -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the main process decides; finished trials are committed
+
+
+def _run(config: dict, db: str) -> str:
+    run_trial(config, db)
+    return trial_id(config)
+
+
+def run_local(configs: list[dict], db: str, workers: int, on_done: Callable[[str, list[str]], None]) -> None:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
+        futures = {pool.submit(_run, c, db): f"{c['task']}/{c['arm']}@{c['lr']:g}#{c['seed']}" for c in configs}
+        try:
+            while futures:
+                finished, _ = wait(futures, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    name = futures.pop(f)
+                    f.result()
+                    on_done(name, list(futures.values())[:workers])
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def run_ray(configs: list[dict], db: str, address: str | None, on_done: Callable[[str, list[str]], None]) -> None:
+    import ray
+    ray.init(address=address, ignore_reinit_error=True, include_dashboard=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    remote = ray.remote(num_cpus=1)(_run)
+    refs = {remote.remote(c, db): f"{c['task']}/{c['arm']}@{c['lr']:g}#{c['seed']}" for c in configs}
+    while refs:
+        ready, _ = ray.wait(list(refs), num_returns=1)
+        for ref in ready:
+            name = refs.pop(ref)
+            ray.get(ref)
+            on_done(name, list(refs.values())[:4])
+
+
+def sweep(suite: Suite, out: str | Path, workers: int | None = None, backend: str = "local",
+          address: str | None = None, progress: bool = True) -> Path:
+    """Run (or resume) the suite; returns the database path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    db = out / "results.sqlite"
+    connect(db).close()
+    workers = workers or os.cpu_count() or 1
+    bar = current = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(desc="sweep", unit="trial", file=sys.stderr, position=0)
+        current = tqdm(bar_format="{desc}", file=sys.stderr, position=1)
+
+    def on_done(name: str, running: list[str]) -> None:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"last {name}")
+            current.set_description_str("running: " + ", ".join(running))
+
+    try:
+        while True:
+            done = {row["trial_id"]: row for row in trials(db)}
+            pending, _ = plan(suite, done)
+            if not pending:
+                break
+            if bar is not None:
+                bar.total = len(done) + len(pending)
+                bar.n = len(done)
+                bar.refresh()
+            if backend == "ray":
+                run_ray(pending, str(db), address, on_done)
+            else:
+                run_local(pending, str(db), workers, on_done)
+    finally:
+        if bar is not None:
+            current.close()
+            bar.close()
+    return db
+
+
+def load(db: str | Path) -> list[dict[str, Any]]:
+    return trials(db)
+
+
+ALL_ARMS = tuple(ARMS)
+SUITES: dict[str, Suite] = {
+    # CI-sized: two known-optimum tasks, short budgets, three arms
+    "smoke": Suite(("quadratic", "logreg"), ("adamw", "sgd", "lion"), seeds=3,
+                   steps={"quadratic": 150, "logreg": 150}),
+    # `torchstep bench`: every arm on the six cheap tasks, ≤ 15 min on 2 cores
+    "default": Suite(("quadratic", "logreg", "rosenbrock", "matrix-sensing", "digits-mlp", "mnist1d"), ALL_ARMS,
+                     seeds=3, steps={"mnist1d": 1000}),
+    "full": Suite(tuple(TASKS), ALL_ARMS, seeds=5),
+}
