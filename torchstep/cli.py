@@ -58,8 +58,27 @@ def cmd_bench(args: argparse.Namespace) -> None:
         fail(f"invalid --seeds {args.seeds}; valid: an integer >= 1")
     if args.workers is not None and args.workers < 1:
         fail(f"invalid --workers {args.workers}; valid: an integer >= 1")
+    options: dict[str, dict] = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        task, dot, name = key.partition(".")
+        if not sep or not dot or task not in TASKS or name not in TASKS[task].options:
+            valid = "; ".join(f"{t}.{{{','.join(TASKS[t].options)}}}" for t in TASKS if TASKS[t].options)
+            fail(f"invalid --set {item!r}; use TASK.OPTION=VALUE with one of: {valid}")
+        default = TASKS[task].options[name]
+        try:
+            options.setdefault(task, {})[name] = (value.lower() in ("1", "true", "yes")) if isinstance(default, bool) \
+                else type(default)(value)
+        except ValueError:
+            fail(f"invalid --set {item!r}; {name} takes a {type(default).__name__}")
+    steps = dict(suite.steps or {})
+    for item in args.steps or []:
+        task, _, value = item.partition("=")
+        if task not in TASKS or not value.isdigit() or int(value) < 1:
+            fail(f"invalid --steps {item!r}; use TASK=N with N >= 1 and TASK one of {', '.join(TASKS)}")
+        steps[task] = int(value)
     suite = replace(suite, tasks=tuple(args.tasks or suite.tasks), arms=tuple(args.optimizers or suite.arms),
-                    seeds=args.seeds or suite.seeds)
+                    seeds=args.seeds or suite.seeds, options=options, steps=steps)
     out = Path(args.out or f"bench-out/{args.suite}")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -70,8 +89,19 @@ def cmd_bench(args: argparse.Namespace) -> None:
     db = sweep.sweep(suite, out, workers=args.workers, backend=args.backend, address=args.address,
                      progress=not args.quiet)
     path = report.write(out)
+    export(out, args.export)
     print(report.verdict_table(report.analyse(db)))
     print(f"\nreport: {path}")
+
+
+def export(out, targets: list[str]) -> None:
+    from .bench import export as exporters
+    for target in targets or []:
+        try:
+            where = exporters.to_tensorboard(out) if target == "tensorboard" else exporters.to_mlflow(out)
+        except ImportError as exc:
+            fail(f"--export {target} needs the optional package {exc.name!r} (pip install {exc.name})")
+        print(f"{target}: {where}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -80,6 +110,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         print(f"report: {report.write(args.dir)}")
     except FileNotFoundError as exc:
         fail(str(exc))
+    export(args.dir, args.export)
 
 
 def fail(message: str) -> None:
@@ -105,14 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=int, default=None, help="paired seeds per arm (>= 3 for a verdict)")
     bench.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU cores)")
     bench.add_argument("--out", default=None, help="output directory (default bench-out/<suite>)")
+    bench.add_argument("--set", nargs="+", metavar="TASK.OPTION=VALUE",
+                       help="task options, e.g. gpt-bytes.norm=peri gpt-bytes.width=64 gpt-bytes.qk_norm=true")
+    bench.add_argument("--steps", nargs="+", metavar="TASK=N", help="budget per task (its own schedule)")
     bench.add_argument("--backend", choices=["local", "ray"], default="local")
     bench.add_argument("--address", default=None, help="Ray cluster address (with --backend ray)")
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    bench.add_argument("--export", nargs="+", choices=["tensorboard", "mlflow"], default=[],
+                       help="also export every trial's curve (batched, after training)")
     bench.add_argument("--rounds", type=int, default=3, help="(speed) interleaved rounds")
     bench.add_argument("--speed-steps", type=int, default=30, help="(speed) timed steps per round")
     bench.set_defaults(func=cmd_bench)
     rep = sub.add_parser("report", help="write report.md, figures and CSV for a results directory")
     rep.add_argument("dir")
+    rep.add_argument("--export", nargs="+", choices=["tensorboard", "mlflow"], default=[])
     rep.set_defaults(func=cmd_report)
     return parser
 

@@ -58,21 +58,21 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
 PEERS = ("adamw", "sgd", "muon")
 
 
-def lr_grid(default_lr: float, points: int = 4) -> list[float]:
-    """Half-decade log grid around the default: default × 10^{−1, −0.5, 0, 0.5} for 4 points."""
-    low = -(points // 2) * 0.5
-    return [round_lr(default_lr * 10 ** (low + 0.5 * i)) for i in range(points)]
+def lr_grid(default_lr: float, points: int = 4, offsets: list[int] | None = None) -> list[float]:
+    """Half-decade log grid: ``default × 10^(k/2)``; by default k = −2, −1, 0, 1 (4 points)."""
+    ks = offsets if offsets is not None else list(range(-(points // 2), points - points // 2))
+    return [round_lr(default_lr * 10 ** (k / 2)) for k in ks]
 
 
 def round_lr(lr: float) -> float:
     return float(f"{lr:.4g}")
 
 
-def extend(grid: list[float], lr: float) -> list[float]:
-    """Two more half-decade points beyond the edge that ``lr`` sits on."""
-    if lr == grid[0]:
-        return [round_lr(grid[0] * 10 ** -1.0), round_lr(grid[0] * 10 ** -0.5)] + grid
-    return grid + [round_lr(grid[-1] * 10 ** 0.5), round_lr(grid[-1] * 10 ** 1.0)]
+def extend(grid: list[float], lr: float, default_lr: float) -> list[float]:
+    """The grid plus two more half-decade points beyond the edge that ``lr`` sits on."""
+    ks = [round(2 * math.log10(x / default_lr)) for x in grid]
+    ks = [ks[0] - 2, ks[0] - 1] + ks if lr == grid[0] else ks + [ks[-1] + 1, ks[-1] + 2]
+    return lr_grid(default_lr, offsets=ks)
 
 
 def applicable(arm: Arm, task) -> bool:

@@ -22,10 +22,15 @@ PROTOCOL = "torchstep-bench/1"
 DIVERGENCE_FACTOR = 10.0   # val above 10× its initial value (or non-finite) ⇒ diverged
 
 
-def resolve(task: str, arm: str, lr: float, seed: int, steps: int, phase: str, evals: int = 20) -> dict[str, Any]:
+def resolve(task: str, arm: str, lr: float, seed: int, steps: int, phase: str, options: dict | None = None,
+            evals: int = 20) -> dict[str, Any]:
     """The full configuration a trial is hashed from."""
     t, a = TASKS[task], ARMS[arm]
-    return {"protocol": PROTOCOL, "task": task, "task_options": t.options, "arm": arm, "arm_kwargs": a.kwargs,
+    unknown = set(options or {}) - set(t.options)
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for task {task}; valid: {', '.join(t.options) or 'none'}")
+    return {"protocol": PROTOCOL, "task": task, "task_options": {**t.options, **(options or {})}, "arm": arm,
+            "arm_kwargs": a.kwargs,
             "lr": lr, "seed": seed, "steps": steps, "phase": phase, "evals": evals,
             "schedule": "warmup 5% + cosine to 0", "weight_decay": 0.0}
 
@@ -53,7 +58,7 @@ def run_trial(config: dict[str, Any], db_path: str | None = None) -> dict[str, A
     torch.manual_seed(config["seed"])
     task, arm = TASKS[config["task"]], ARMS[config["arm"]]
     steps = config["steps"]
-    problem = task.problem(config["seed"])
+    problem = task.problem(config["seed"], **config["task_options"])
     opt = ArmOptimizer(arm, problem, config["lr"], steps)
     init_val = problem.evaluate()["val"]
     eval_at = set(np.linspace(0, steps, config["evals"] + 1).round().astype(int).tolist()[1:])

@@ -38,6 +38,7 @@ class Suite:
     seeds: int = 3
     steps: dict[str, int] | None = None    # task → budget override
     grid_points: int = 4
+    options: dict[str, dict] | None = None  # task → option overrides (e.g. gpt-bytes width / norm)
 
     def budget(self, task: str) -> int:
         return (self.steps or {}).get(task, TASKS[task].steps)
@@ -58,7 +59,8 @@ def plan(suite: Suite, done: dict[str, dict]) -> tuple[list[dict], dict[tuple[st
                 continue
             grid, extensions = lr_grid(ARMS[arm].default_lr, suite.grid_points), 0
             while True:
-                configs = {lr: resolve(task, arm, lr, 0, steps, "tune") for lr in grid}
+                opts = (suite.options or {}).get(task, {})
+                configs = {lr: resolve(task, arm, lr, 0, steps, "tune", opts) for lr in grid}
                 missing = [c for c in configs.values() if trial_id(c) not in done]
                 if missing:
                     pending += missing
@@ -67,12 +69,11 @@ def plan(suite: Suite, done: dict[str, dict]) -> tuple[list[dict], dict[tuple[st
                 best = best_lr({lr: done[trial_id(c)] for lr, c in configs.items()})
                 on_edge = best is not None and best in (grid[0], grid[-1])
                 if on_edge and extensions < MAX_EXTENSIONS:
-                    grid, extensions = extend(grid, best), extensions + 1
+                    grid, extensions = extend(grid, best, ARMS[arm].default_lr), extensions + 1
                     continue
                 status[(task, arm)] = {"grid": grid, "best": best, "edge": on_edge}
                 if best is not None:
-                    finals = [resolve(task, arm, best, s, steps, "tune" if s == 0 else "final")
-                              for s in range(1, suite.seeds)]
+                    finals = [resolve(task, arm, best, s, steps, "final", opts) for s in range(1, suite.seeds)]
                     pending += [c for c in finals if trial_id(c) not in done]
                 break
     return pending, status

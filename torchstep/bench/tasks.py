@@ -270,7 +270,8 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          dict(hidden=256, batch=128)),
     Task("mnist1d", mnist1d_mlp, 1500, "MNIST-1D (8k generated), MLP 40-256-256-10; val = held-out CE", False,
          dict(samples=8000, hidden=256, batch=128)),
-    Task("gpt-bytes", gpt_bytes, 300, "byte GPT d64 L2 h4 ctx 64 on the frozen stdlib snapshot; val = nats/byte",
-         False, dict(context=64, width=64, depth=2, heads=4, norm="pre", qk_norm=False, z_loss=0.0, batch=16,
-                     val_batches=8)),
+    Task("gpt-bytes", gpt_bytes, 300, "byte GPT (default d128 L4 h4, ctx 128, batch 32, 0.87M parameters) on the "
+         "frozen stdlib snapshot; val = nats/byte on 8 fixed held-out batches", False,
+         dict(context=128, width=128, depth=4, heads=4, norm="pre", qk_norm=False, z_loss=0.0, batch=32,
+              val_batches=8)),
 ]}

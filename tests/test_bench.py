@@ -1,0 +1,267 @@
+"""Benchmark harness: tasks, protocol, statistics, store, resume after kill, CLI errors."""
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from torchstep.bench import arms, corpus, report, stats, store, sweep
+from torchstep.bench.gpt import GPT, GPTConfig
+from torchstep.bench.runner import resolve, run_trial
+from torchstep.bench.tasks import TASKS
+
+pytest.importorskip("scipy")
+
+
+def test_corpus_snapshot_hash_split_and_licence():
+    train, val = corpus.load()
+    assert len(train) + len(val) == 4_698_388 and (len(train), len(val)) == (4_284_864, 413_524)
+    from importlib import resources
+    notice = (resources.files("torchstep.bench") / "data" / corpus.LICENSE).read_text()
+    assert "PYTHON SOFTWARE FOUNDATION LICENSE" in notice
+
+
+@pytest.mark.parametrize("norm", ["pre", "post", "peri", "mix"])
+def test_gpt_norm_placements_qk_norm_and_z_loss(norm):
+    cfg = GPTConfig(width=32, depth=4, heads=4, context=16, norm=norm, qk_norm=True, z_loss=1e-4)
+    model = GPT(cfg)
+    x = torch.randint(0, 256, (2, 16))
+    loss = model.loss(x, x)
+    plain = model.loss(x, x, train=False)
+    assert torch.isfinite(loss) and loss > plain     # z-loss adds a positive term in training
+    assert abs(plain.item() - math.log(256)) < 0.1    # near-uniform at init
+    kinds = [b.placement for b in model.blocks]
+    assert kinds == {"pre": ["pre"] * 4, "post": ["post"] * 4, "peri": ["peri"] * 4,
+                     "mix": ["post", "pre", "pre", "pre"]}[norm]
+    with pytest.raises(ValueError, match="norm"):
+        GPT(GPTConfig(norm="sandwich"))
+
+
+def test_known_optima():
+    from torchstep.bench.tasks import _least_squares_data, _logreg_data
+    p = TASKS["quadratic"].problem(0)
+    A, b, _ = _least_squares_data(256, 4096, 1e3)
+    with torch.no_grad():
+        p.model.x.copy_(torch.linalg.lstsq(A.double(), b.double().unsqueeze(1)).solution.squeeze(1))
+    assert abs(p.evaluate()["val"]) < 1e-5                 # gap 0 at the least-squares solution
+    with torch.no_grad():
+        p.model.x.add_(1e-2)
+    assert p.evaluate()["val"] > 1e-6
+    X, y, f_star = _logreg_data(100, 10_000)
+    w = torch.zeros(100, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=0.2)
+    for _ in range(300):                                   # a full-batch run approaches f* from above
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(X.double() @ w, y.double())
+        loss.backward()
+        opt.step()
+    assert -1e-9 < loss.item() - f_star < 2e-2
+
+
+def test_data_order_is_paired_across_arms_and_seeds_differ():
+    a, b = TASKS["digits-mlp"].problem(3), TASKS["digits-mlp"].problem(3)
+    assert torch.equal(a.train_loss(7), b.train_loss(7))
+    c = TASKS["digits-mlp"].problem(4)
+    assert not torch.equal(a.train_loss(7), c.train_loss(7))
+
+
+def test_trial_records_curve_cost_and_state_bytes(tmp_path):
+    db = tmp_path / "r.sqlite"
+    row = run_trial(resolve("quadratic", "adamw", 3e-2, 0, 60, "tune"), str(db))
+    assert row["final_val"] < row["init_val"] and not row["diverged"]
+    assert row["state_bytes"] == 2 * 256 * 4 + 4              # exp_avg, exp_avg_sq (fp32) + step
+    assert 0 < row["opt_cpu_s"] < row["cpu_s"]
+    assert row["trial_id"] in store.finished_ids(db)
+    curve = store.curves(db)[row["trial_id"]]
+    assert curve[0][0] == 0 and curve[-1][0] == 60 and len(curve) == 21
+    assert not store.write_trial(db, row, [])                 # same trial id: no duplicate
+
+
+def test_diverged_run_is_recorded_not_raised(tmp_path):
+    row = run_trial(resolve("quadratic", "sgd", 1e3, 0, 50, "tune"), str(tmp_path / "r.sqlite"))
+    assert row["diverged"] == 1 and row["final_val"] == row["init_val"]
+
+
+def test_matched_routing_puts_non_matrix_tensors_on_the_same_fallback_for_every_arm():
+    p = TASKS["gpt-bytes"].problem(0)
+    seen = {}
+    for name in ("adamw", "lion", "muon"):
+        opt = arms.ArmOptimizer(arms.ARMS[name], p, 1e-3, 10)
+        fallback = opt.optimizers[1]
+        assert isinstance(fallback, torch.optim.AdamW) and fallback.param_groups[0]["initial_lr"] == arms.FALLBACK_LR
+        seen[name] = {id(q) for g in fallback.param_groups for q in g["params"]}
+    assert seen["adamw"] == seen["lion"] == seen["muon"]
+    assert id(p.model.embed.weight) in seen["adamw"] and id(p.model.head.weight) in seen["adamw"]
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of")
+def test_schedule_warms_up_and_ends_at_zero():
+    p = TASKS["quadratic"].problem(0)
+    opt = arms.ArmOptimizer(arms.ARMS["adamw"], p, 1.0, 100)
+    lrs = []
+    for step in range(100):
+        lrs.append(opt.rule.param_groups[0]["lr"])
+        opt.after_step(step)
+    assert lrs[0] == pytest.approx(0.2) and max(lrs) == pytest.approx(1.0) and lrs[-1] < 1e-3
+
+
+def test_grid_and_edge_extension():
+    grid = arms.lr_grid(1e-3)
+    assert grid == [1e-4, 3.162e-4, 1e-3, 3.162e-3]
+    assert arms.extend(grid, 3.162e-3, 1e-3)[-2:] == [1e-2, 3.162e-2]
+    assert arms.extend(grid, 1e-4, 1e-3)[:2] == [1e-5, 3.162e-5]
+    assert arms.extend(arms.extend(grid, 3.162e-3, 1e-3), 3.162e-2, 1e-3)[-2:] == [0.1, 0.3162]
+
+
+def test_plan_extends_edges_then_adds_paired_final_seeds():
+    suite = sweep.Suite(("quadratic",), ("adamw",), seeds=3, steps={"quadratic": 10})
+    pending, _ = sweep.plan(suite, {})
+    assert [c["lr"] for c in pending] == arms.lr_grid(arms.ARMS["adamw"].default_lr)
+    fake = {}
+    for c in pending:  # best at the top edge → two more points, then finals
+        fake[store.trial_id(c)] = {"final_val": -c["lr"], "diverged": 0}
+    pending, status = sweep.plan(suite, fake)
+    assert [c["lr"] for c in pending] == [3e-2, 9.487e-2]
+    for c in pending:
+        fake[store.trial_id(c)] = {"final_val": 1.0, "diverged": 0}  # worse: best stays interior
+    pending, status = sweep.plan(suite, fake)
+    assert [(c["seed"], c["lr"], c["phase"]) for c in pending] == [(1, 9.487e-3, "final"), (2, 9.487e-3, "final")]
+
+
+def test_statistics():
+    mean, ci = stats.mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and ci == pytest.approx(4.302652729911275 / math.sqrt(3))
+    assert stats.paired_p({0: 1.0, 1: 2.0, 2: 3.0}, {0: 1.1, 1: 2.11, 2: 3.1}) < 0.01
+    assert stats.paired_p({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0}) == 1.0
+    assert stats.time_to_target([(0, 5.0, 0.0), (10, 1.0, 0.5), (20, 0.5, 1.0)], 0.9) == (20.0, 1.0)
+    taus = np.array([1.0, 2.0, 4.0])
+    prof = stats.performance_profile({"t1": {"a": 10, "b": 20}, "t2": {"a": 40, "b": 10}}, taus)
+    assert prof["a"].tolist() == [0.5, 0.5, 1.0] and prof["b"].tolist() == [0.5, 1.0, 1.0]
+    v = stats.verdict({"a": {"mean": 1.0, "finals": {0: 1.0, 1: 1.1, 2: 0.9}, "diverged": False},
+                       "b": {"mean": 1.01, "finals": {0: 1.2, 1: 0.8, 2: 1.03}, "diverged": False}})
+    assert v["winner"] == "a" and not v["significant"] and "no significant difference" in v["text"]
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "torchstep.cli", *args], capture_output=True, text=True, env=env, **kw)
+
+
+def test_cli_bad_input_gets_one_line_errors(tmp_path):
+    r = _cli("bench", "--tasks", "nope", "--out", str(tmp_path))
+    assert r.returncode == 2 and "unknown task nope; valid: quadratic" in r.stderr
+    r = _cli("bench", "--optimizers", "adam", "--out", str(tmp_path))
+    assert r.returncode == 2 and "unknown optimizer adam; valid: adamw, sgd, muon" in r.stderr
+    r = _cli("bench", "--seeds", "0", "--out", str(tmp_path))
+    assert r.returncode == 2 and "invalid --seeds 0" in r.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = _cli("bench", "--suite", "smoke", "--out", str(blocker / "sub"))
+    assert r.returncode == 2 and "not writable" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = _cli("bench", "--set", "gpt-bytes.widht=3", "--out", str(tmp_path))
+    assert r.returncode == 2 and "invalid --set 'gpt-bytes.widht=3'" in r.stderr
+    r = _cli("report", str(tmp_path / "empty"))
+    assert r.returncode == 2 and "no results database" in r.stderr
+
+
+SMOKE = ["bench", "--suite", "smoke", "--tasks", "quadratic", "--optimizers", "adamw", "lion", "--workers", "2",
+         "--quiet"]
+
+
+def test_sweep_killed_with_sigkill_resumes_without_loss_or_duplicates(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "torchstep.cli", *SMOKE, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    db = out / "results.sqlite"
+    deadline = time.time() + 120
+    before = set()
+    while time.time() < deadline and len(before) < 3:
+        time.sleep(0.2)
+        if db.exists():
+            try:
+                before = store.finished_ids(db)
+            except sqlite3.OperationalError:
+                pass
+    os.killpg(proc.pid, signal.SIGKILL)                   # main process and its workers, mid-sweep
+    proc.wait()
+    assert len(before) >= 3
+    snapshot = {r["trial_id"]: r["final_val"] for r in store.trials(db)}
+    r = _cli(*SMOKE, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    rows = store.trials(db)
+    ids = [row["trial_id"] for row in rows]
+    assert len(ids) == len(set(ids))                       # no duplicates
+    assert all(tid in ids for tid in snapshot)             # nothing finished was lost
+    assert all(row["final_val"] == snapshot[row["trial_id"]] for row in rows if row["trial_id"] in snapshot)
+    expected, _ = sweep.plan(sweep.Suite(("quadratic",), ("adamw", "lion"), seeds=3,
+                                         steps=sweep.SUITES["smoke"].steps), {})
+    assert len(rows) >= len(expected) + 2                  # full grids plus paired finals for both arms
+    assert "report: " in r.stdout and (out / "report.md").exists() and (out / "figures" / "quadratic.png").exists()
+    again = _cli(*SMOKE, "--out", str(out))                 # a third run finds nothing to do
+    assert again.returncode == 0 and len(store.trials(db)) == len(rows)
+
+
+def test_sweep_interrupted_with_sigint_keeps_finished_trials(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "torchstep.cli", *SMOKE, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    db = out / "results.sqlite"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.2)
+        try:
+            if db.exists() and len(store.finished_ids(db)) >= 2:
+                break
+        except sqlite3.OperationalError:
+            pass
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    kept = store.finished_ids(db)
+    assert len(kept) >= 2
+    r = _cli(*SMOKE, "--out", str(out))
+    assert r.returncode == 0 and kept <= store.finished_ids(db)
+
+
+def test_ray_backend_matches_the_local_backend(tmp_path):
+    ray = pytest.importorskip("ray")
+    suite = sweep.Suite(("quadratic",), ("adamw",), seeds=2, steps={"quadratic": 40})
+    local = sweep.sweep(suite, tmp_path / "local", workers=2, progress=False)
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)   # a local Ray instance
+    try:
+        remote = sweep.sweep(suite, tmp_path / "ray", backend="ray", progress=False)
+    finally:
+        ray.shutdown()
+    a = {r["trial_id"]: r["final_val"] for r in store.trials(local)}
+    b = {r["trial_id"]: r["final_val"] for r in store.trials(remote)}
+    assert a == b and len(a) >= 5                           # same trials, bit-identical results
+
+
+def test_tensorboard_export_writes_every_trial(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torchstep.bench import export
+    suite = sweep.Suite(("quadratic",), ("adamw",), seeds=1, steps={"quadratic": 20})
+    db = sweep.sweep(suite, tmp_path, workers=1, progress=False)
+    root = export.to_tensorboard(tmp_path)
+    rows = store.trials(db)
+    row = rows[0]
+    acc = EventAccumulator(str(root / "quadratic" / "adamw" / f"lr{row['lr']:g}-seed0"))
+    acc.Reload()
+    vals = [e.value for e in acc.Scalars("val")]
+    assert len(vals) == 21 and vals[-1] == pytest.approx(row["final_val"], rel=1e-6)
+
+
+@pytest.mark.parametrize("arm", ["sophiah", "sophiag", "muon"])
+def test_gpt_bytes_trial_with_options_runs_every_special_path(tmp_path, arm):
+    opts = {"width": 32, "depth": 1, "heads": 2, "context": 32, "batch": 4, "norm": "peri", "qk_norm": True,
+            "z_loss": 1e-4}
+    row = run_trial(resolve("gpt-bytes", arm, 3e-3, 0, 20, "tune", opts))
+    assert not row["diverged"] and row["final_val"] < row["init_val"]
+    with pytest.raises(ValueError, match="unknown option"):
+        resolve("gpt-bytes", arm, 3e-3, 0, 20, "tune", {"widht": 3})
