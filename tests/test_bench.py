@@ -265,3 +265,31 @@ def test_gpt_bytes_trial_with_options_runs_every_special_path(tmp_path, arm):
     assert not row["diverged"] and row["final_val"] < row["init_val"]
     with pytest.raises(ValueError, match="unknown option"):
         resolve("gpt-bytes", arm, 3e-3, 0, 20, "tune", {"widht": 3})
+
+
+def test_sigkill_of_a_worker_is_survived(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "torchstep.cli", *SMOKE, "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    db = out / "results.sqlite"
+    deadline, killed = time.time() + 120, False
+    while time.time() < deadline and not killed:
+        time.sleep(0.2)
+        try:
+            if not (db.exists() and len(store.finished_ids(db)) >= 2):
+                continue
+        except sqlite3.OperationalError:
+            continue
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        workers = [pid for pid in children
+                   if "spawn_main" in open(f"/proc/{pid}/cmdline").read().replace("\0", " ")]
+        if workers:
+            os.kill(int(workers[0]), signal.SIGKILL)
+            killed = True
+    stdout, stderr = proc.communicate(timeout=300)
+    assert killed and proc.returncode == 0, stderr
+    assert "worker process died" in stderr and "report: " in stdout
+    rows = store.trials(db)
+    assert len({r["trial_id"] for r in rows}) == len(rows)
+    assert not sweep.plan(sweep.Suite(("quadratic",), ("adamw", "lion"), seeds=3,
+                                      steps=sweep.SUITES["smoke"].steps), {r["trial_id"]: r for r in rows})[0]

@@ -34,25 +34,19 @@ class Arm:
     kwargs: dict = field(default_factory=dict)
 
 
-def _ours(name: str, default_lr: float, hessian: str | None = None, **kwargs) -> Arm:
-    cls = SPECS[name].cls
-    return Arm(name, lambda groups, lr: cls(groups, lr=lr, **kwargs), default_lr, hessian=hessian, kwargs=kwargs)
+def _ours(spec) -> Arm:
+    kwargs = spec.bench_kwargs
+    return Arm(spec.name, lambda groups, lr: spec.cls(groups, lr=lr, **kwargs), spec.bench_lr,
+               hessian=spec.hessian, kwargs=kwargs)
 
 
+# torch peers, then every registered torchstep optimizer (the registry holds their benchmark defaults)
 ARMS: dict[str, Arm] = {a.name: a for a in [
     Arm("adamw", lambda g, lr: torch.optim.AdamW(g, lr=lr, weight_decay=0.0), 3e-3),
     Arm("sgd", lambda g, lr: torch.optim.SGD(g, lr=lr, momentum=0.9), 3e-2, kwargs={"momentum": 0.9}),
     Arm("muon", lambda g, lr: torch.optim.Muon(g, lr=lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw"), 3e-3,
         matrix_only=True, kwargs={"adjust_lr_fn": "match_rms_adamw"}),
-    _ours("lion", 3e-4),
-    _ours("adamp", 3e-3),
-    _ours("sgdp", 3e-2, momentum=0.9),
-    _ours("diffgrad", 3e-3),
-    _ours("sophiag", 3e-4, hessian="gnb", weight_decay=0.0),
-    _ours("sophiah", 3e-4, hessian="hutchinson"),
-    _ours("spam", 3e-3),
-    _ours("stablespam", 3e-3),
-    _ours("classp", 3e-2, threshold=0.0),
+    *(_ours(spec) for spec in SPECS.values()),
 ]}
 
 PEERS = ("adamw", "sgd", "muon")

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -29,6 +30,7 @@ from .store import connect, trial_id, trials
 from .tasks import TASKS
 
 MAX_EXTENSIONS = 2
+MAX_WORKER_DEATHS = 3
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,7 @@ def sweep(suite: Suite, out: str | Path, workers: int | None = None, backend: st
             bar.set_postfix_str(f"last {name}")
             current.set_description_str("running: " + ", ".join(running))
 
+    deaths = 0
     try:
         while True:
             done = {row["trial_id"]: row for row in trials(db)}
@@ -150,8 +153,15 @@ def sweep(suite: Suite, out: str | Path, workers: int | None = None, backend: st
                 bar.refresh()
             if backend == "ray":
                 run_ray(pending, str(db), address, on_done)
-            else:
+                continue
+            try:
                 run_local(pending, str(db), workers, on_done)
+            except BrokenProcessPool:   # a worker was killed: its trial never committed, so re-plan
+                deaths += 1
+                print(f"torchstep: a worker process died ({deaths}/{MAX_WORKER_DEATHS}); resuming",
+                      file=sys.stderr)
+                if deaths >= MAX_WORKER_DEATHS:
+                    raise
     finally:
         if bar is not None:
             current.close()
