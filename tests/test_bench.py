@@ -170,6 +170,18 @@ def test_cli_bad_input_gets_one_line_errors(tmp_path):
     assert r.returncode == 2 and "no results database" in r.stderr
 
 
+def _wait_for_trials(db, n, timeout=120):
+    """Poll the results database until ``n`` trials are committed; returns their ids."""
+    deadline, ids = time.time() + timeout, set()
+    while time.time() < deadline and len(ids) < n:
+        time.sleep(0.2)
+        try:
+            ids = store.finished_ids(db) if db.exists() else set()
+        except sqlite3.OperationalError:
+            pass
+    return ids
+
+
 SMOKE = ["bench", "--suite", "smoke", "--tasks", "quadratic", "--optimizers", "adamw", "lion", "--workers", "2",
          "--quiet"]
 
@@ -179,15 +191,7 @@ def test_sweep_killed_with_sigkill_resumes_without_loss_or_duplicates(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "torchstep.cli", *SMOKE, "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     db = out / "results.sqlite"
-    deadline = time.time() + 120
-    before = set()
-    while time.time() < deadline and len(before) < 3:
-        time.sleep(0.2)
-        if db.exists():
-            try:
-                before = store.finished_ids(db)
-            except sqlite3.OperationalError:
-                pass
+    before = _wait_for_trials(db, 3)
     os.killpg(proc.pid, signal.SIGKILL)                   # main process and its workers, mid-sweep
     proc.wait()
     assert len(before) >= 3
@@ -212,14 +216,7 @@ def test_sweep_interrupted_with_sigint_keeps_finished_trials(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "torchstep.cli", *SMOKE, "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     db = out / "results.sqlite"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        time.sleep(0.2)
-        try:
-            if db.exists() and len(store.finished_ids(db)) >= 2:
-                break
-        except sqlite3.OperationalError:
-            pass
+    _wait_for_trials(db, 2)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=60)
     kept = store.finished_ids(db)
@@ -271,15 +268,9 @@ def test_sigkill_of_a_worker_is_survived(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "torchstep.cli", *SMOKE, "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    db = out / "results.sqlite"
-    deadline, killed = time.time() + 120, False
-    while time.time() < deadline and not killed:
-        time.sleep(0.2)
-        try:
-            if not (db.exists() and len(store.finished_ids(db)) >= 2):
-                continue
-        except sqlite3.OperationalError:
-            continue
+    _wait_for_trials(out / "results.sqlite", 2)
+    db, killed, deadline = out / "results.sqlite", False, time.time() + 60
+    while not killed and time.time() < deadline:
         children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
         workers = [pid for pid in children
                    if "spawn_main" in open(f"/proc/{pid}/cmdline").read().replace("\0", " ")]
@@ -293,3 +284,17 @@ def test_sigkill_of_a_worker_is_survived(tmp_path):
     assert len({r["trial_id"] for r in rows}) == len(rows)
     assert not sweep.plan(sweep.Suite(("quadratic",), ("adamw", "lion"), seeds=3,
                                       steps=sweep.SUITES["smoke"].steps), {r["trial_id"]: r for r in rows})[0]
+
+
+def test_mlflow_export_logs_one_run_per_trial_in_batches(tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    from torchstep.bench import export
+    suite = sweep.Suite(("quadratic",), ("adamw",), seeds=1, steps={"quadratic": 20})
+    db = sweep.sweep(suite, tmp_path, workers=1, progress=False)
+    assert export.to_mlflow(tmp_path) == len(store.trials(db))
+    client = mlflow.MlflowClient(f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}")
+    exp = client.get_experiment_by_name("torchstep-bench")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == len(store.trials(db))
+    history = client.get_metric_history(runs[0].info.run_id, "val")
+    assert len(history) == 21

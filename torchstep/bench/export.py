@@ -38,12 +38,12 @@ def to_tensorboard(out: str | Path) -> Path:
 
 
 def to_mlflow(out: str | Path, tracking_uri: str | None = None, experiment: str = "torchstep-bench") -> int:
-    """One MLflow run per trial (params + one ``log_batch`` of its metrics); returns the number of runs."""
+    """One MLflow run per trial (params + batched ``log_batch``) in ``out/mlflow.db`` unless ``tracking_uri``."""
     import mlflow
     from mlflow.entities import Metric, Param
     out = Path(out)
     db = out / "results.sqlite"
-    client = mlflow.MlflowClient(tracking_uri or (out / "mlruns").resolve().as_uri())
+    client = mlflow.MlflowClient(tracking_uri or f"sqlite:///{(out / 'mlflow.db').resolve()}")
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
     rows = trials(db)
