@@ -116,6 +116,32 @@ SPECS: dict[str, OptimizerSpec] = {s.name: s for s in [
         skip_rosenbrock=("no threshold", "official"),
         # threshold 0: the default 0.5 assumes the paper's gradient scale and freezes most tasks here
         bench_lr=3e-2, bench_kwargs={"threshold": 0.0}),
+    # Hybrid matrix methods: the conformance problems' 1-D tensors go to the AdamW fallback, whose lr
+    # the convergence tests set through fallback_lr (matrix-specific behaviour is tested in test_muon.py).
+    OptimizerSpec(
+        "muon", optim.Muon, "orthogonalized", "2502.16982", parity="torch.optim.Muon",
+        base_kwargs={"fallback_lr": 2e-2},
+        configs=(({}, "default"), ({"nesterov": False, "weight_decay": 0.1}, "plain momentum + wd"),
+                 ({"adjust_lr": "match_rms_adamw", "lr": 1e-3}, "match_rms_adamw"),
+                 ({"ns_preset": "polar_express5", "ns_dtype": "float32"}, "polar express fp32")),
+        invalid=_COMMON_INVALID + _WD_INVALID +
+        (({"momentum": 1.5}, "momentum"), ({"ns_steps": 0}, "ns_steps"), ({"ns_preset": "x"}, "ns_preset"),
+         ({"adjust_lr": "x"}, "adjust_lr"), ({"fallback_lr": -1.0}, "fallback_lr"), ({"ns_dtype": "x"}, "ns_dtype")),
+        quadratic_lr=2e-2, rosenbrock_lr=2e-2, bench_lr=3e-3, bench_kwargs={"adjust_lr": "match_rms_adamw",
+                                                                             "fallback_lr": 3e-3}),
+    OptimizerSpec(
+        "sinkgd", optim.SinkGD, "stateless", "2502.06742",
+        base_kwargs={"fallback_lr": 2e-2},
+        configs=(({}, "default"), ({"normalization": "unit", "iters": 2}, "unit"),
+                 ({"weight_decay": 0.1}, "wd")),
+        invalid=_COMMON_INVALID + _WD_INVALID + (({"iters": 0}, "iters"), ({"normalization": "x"}, "normalization")),
+        quadratic_lr=2e-2, rosenbrock_lr=2e-2, bench_lr=3e-3, bench_kwargs={"fallback_lr": 3e-3}),
+    OptimizerSpec(
+        "swan", optim.SWAN, "stateless", "2412.13148",
+        base_kwargs={"fallback_lr": 2e-2},
+        configs=(({}, "default"), ({"ns_steps": 5}, "5 NS steps")),
+        invalid=_COMMON_INVALID + _WD_INVALID + (({"ns_steps": 0}, "ns_steps"),),
+        quadratic_lr=2e-2, rosenbrock_lr=2e-2, bench_lr=3e-3, bench_kwargs={"fallback_lr": 3e-3}),
 ]}
 
 

@@ -4,8 +4,9 @@ from .adamp import AdamP, SGDP
 from .classp import CLASSP
 from .diffgrad import DiffGrad
 from .lion import Lion
+from .muon import SWAN, Muon, SinkGD
 from .sophia import SophiaG, SophiaH
 from .spam import SPAM, StableSPAM
 
 __all__ = ["TorchstepOptimizer", "Lion", "AdamP", "SGDP", "DiffGrad", "SophiaG", "SophiaH",
-           "SPAM", "StableSPAM", "CLASSP"]
+           "SPAM", "StableSPAM", "CLASSP", "Muon", "SinkGD", "SWAN"]

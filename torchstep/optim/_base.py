@@ -157,21 +157,34 @@ class TorchstepOptimizer(torch.optim.Optimizer):
                 raise FloatingPointError(f"non-finite gradient in parameter {where} of group {gi}")
         return [todo[i] for i in range(len(todo)) if i not in bad]
 
-    def _step_param(self, p: Tensor, group: dict[str, Any]) -> None:
-        grad = p.grad
-        if group["maximize"]:
-            grad = -grad
-        state = self.state[p]
+    def _working(self, p: Tensor, group: dict[str, Any]) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """(working parameter, gradient, state): fp32 copies for bf16/fp16, ``maximize`` applied,
+        lazy state initialised.  Write the working parameter back with :meth:`_write_back`."""
+        grad = -p.grad if group["maximize"] else p.grad
         low = p.dtype in _LOW_PRECISION
         work = p.float() if low else p
         if low:
             grad = grad.float()
+        state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
             self._init_state(work, state, group)
-        self._update(work, grad, state, group)
-        if low:
+        return work, grad, state
+
+    @staticmethod
+    def _write_back(p: Tensor, work: Tensor) -> None:
+        if work is not p:
             p.copy_(work)
+
+    def _step_param(self, p: Tensor, group: dict[str, Any]) -> None:
+        work, grad, state = self._working(p, group)
+        self._update(work, grad, state, group)
+        self._write_back(p, work)
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Update a group's parameters that have finite gradients (override to batch across them)."""
+        for p in params:
+            self._step_param(p, group)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -180,8 +193,11 @@ class TorchstepOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        by_group: dict[int, tuple[dict[str, Any], list[Tensor]]] = {}
         for group, p in self._params_to_update():
-            self._step_param(p, group)
+            by_group.setdefault(id(group), (group, []))[1].append(p)
+        for group, params in by_group.values():
+            self._step_group(group, params)
         return loss
 
     # ------------------------------------------------------------------ checkpoints
