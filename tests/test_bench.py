@@ -91,12 +91,12 @@ def test_diverged_run_is_recorded_not_raised(tmp_path):
 def test_matched_routing_puts_non_matrix_tensors_on_the_same_fallback_for_every_arm():
     p = TASKS["gpt-bytes"].problem(0)
     seen = {}
-    for name in ("adamw", "lion", "muon"):
+    for name in ("adamw", "lion", "muon", "torch-muon"):
         opt = arms.ArmOptimizer(arms.ARMS[name], p, 1e-3, 10)
         fallback = opt.optimizers[1]
         assert isinstance(fallback, torch.optim.AdamW) and fallback.param_groups[0]["initial_lr"] == arms.FALLBACK_LR
         seen[name] = {id(q) for g in fallback.param_groups for q in g["params"]}
-    assert seen["adamw"] == seen["lion"] == seen["muon"]
+    assert seen["adamw"] == seen["lion"] == seen["muon"] == seen["torch-muon"]
     assert id(p.model.embed.weight) in seen["adamw"] and id(p.model.head.weight) in seen["adamw"]
 
 
@@ -157,7 +157,7 @@ def test_cli_bad_input_gets_one_line_errors(tmp_path):
     r = _cli("bench", "--tasks", "nope", "--out", str(tmp_path))
     assert r.returncode == 2 and "unknown task nope; valid: quadratic" in r.stderr
     r = _cli("bench", "--optimizers", "adam", "--out", str(tmp_path))
-    assert r.returncode == 2 and "unknown optimizer adam; valid: adamw, sgd, muon" in r.stderr
+    assert r.returncode == 2 and "unknown optimizer adam; valid: adamw, sgd, torch-muon" in r.stderr
     r = _cli("bench", "--seeds", "0", "--out", str(tmp_path))
     assert r.returncode == 2 and "invalid --seeds 0" in r.stderr
     blocker = tmp_path / "file"
@@ -254,7 +254,7 @@ def test_tensorboard_export_writes_every_trial(tmp_path):
     assert len(vals) == 21 and vals[-1] == pytest.approx(row["final_val"], rel=1e-6)
 
 
-@pytest.mark.parametrize("arm", ["sophiah", "sophiag", "muon"])
+@pytest.mark.parametrize("arm", ["sophiah", "sophiag", "muon", "torch-muon", "sinkgd", "swan"])
 def test_gpt_bytes_trial_with_options_runs_every_special_path(tmp_path, arm):
     opts = {"width": 32, "depth": 1, "heads": 2, "context": 32, "batch": 4, "norm": "peri", "qk_norm": True,
             "z_loss": 1e-4}

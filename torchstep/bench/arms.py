@@ -34,22 +34,25 @@ class Arm:
     kwargs: dict = field(default_factory=dict)
 
 
+MATRIX_FAMILIES = ("orthogonalized", "stateless")   # hybrids whose own rule needs ≥ 2-D tensors
+
+
 def _ours(spec) -> Arm:
     kwargs = spec.bench_kwargs
     return Arm(spec.name, lambda groups, lr: spec.cls(groups, lr=lr, **kwargs), spec.bench_lr,
-               hessian=spec.hessian, kwargs=kwargs)
+               matrix_only=spec.family in MATRIX_FAMILIES, hessian=spec.hessian, kwargs=kwargs)
 
 
 # torch peers, then every registered torchstep optimizer (the registry holds their benchmark defaults)
 ARMS: dict[str, Arm] = {a.name: a for a in [
     Arm("adamw", lambda g, lr: torch.optim.AdamW(g, lr=lr, weight_decay=0.0), 3e-3),
     Arm("sgd", lambda g, lr: torch.optim.SGD(g, lr=lr, momentum=0.9), 3e-2, kwargs={"momentum": 0.9}),
-    Arm("muon", lambda g, lr: torch.optim.Muon(g, lr=lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw"), 3e-3,
+    Arm("torch-muon", lambda g, lr: torch.optim.Muon(g, lr=lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw"), 3e-3,
         matrix_only=True, kwargs={"adjust_lr_fn": "match_rms_adamw"}),
     *(_ours(spec) for spec in SPECS.values()),
 ]}
 
-PEERS = ("adamw", "sgd", "muon")
+PEERS = ("adamw", "sgd", "torch-muon")
 
 
 def lr_grid(default_lr: float, points: int = 4, offsets: list[int] | None = None) -> list[float]:

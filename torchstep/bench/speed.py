@@ -98,6 +98,47 @@ def table(times: dict[str, list[float]]) -> list[list[Any]]:
     return rows
 
 
+#: many same-shape matrices: where batched Newton–Schulz pays off
+MATRIX_SHAPES = [(256, 256)] * 16 + [(256, 1024)] * 4
+
+
+def muon_candidates() -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
+    from ..optim import Muon
+    return {"torch.optim.Muon (per matrix, bf16 NS5)": lambda ps: torch.optim.Muon(ps, lr=0.02),
+            "torchstep Muon (batched, bf16 NS5)": lambda ps: Muon(ps, lr=0.02, weight_decay=0.1),
+            "torchstep Muon (batched, fp32 NS5)": lambda ps: Muon(ps, lr=0.02, ns_dtype="float32"),
+            "torchstep Muon (batched, Polar Express 5)": lambda ps: Muon(ps, lr=0.02, ns_preset="polar_express5")}
+
+
+def measure_muon(rounds: int, steps: int, threads: int = 1) -> dict[str, list[float]]:
+    torch.set_num_threads(threads)
+    setups = {}
+    for label, build in muon_candidates().items():
+        g = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=g).requires_grad_() for s in MATRIX_SHAPES]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        setups[label] = build(params)
+    times: dict[str, list[float]] = {label: [] for label in setups}
+    for r in range(rounds):
+        for label, opt in setups.items():
+            if r == 0:
+                opt.step()                      # warm-up
+            for _ in range(steps):
+                start = time.perf_counter()
+                opt.step()
+                times[label].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def muon_table(times: dict[str, list[float]]) -> list[list[Any]]:
+    from ..ops.newton_schulz import flops
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ref = med["torch.optim.Muon (per matrix, bf16 NS5)"]
+    gflop = sum(flops(*s) for s in MATRIX_SHAPES) / 1e9
+    return [[label, f"{ms:.1f}", f"{ref / ms:.2f}", f"{gflop / (ms / 1e3):.1f}"] for label, ms in med.items()]
+
+
 HEADERS = ["optimizer", "median ms/step", "× AdamW loop", "× AdamW fused", "pytorch-optimizer ms",
            "× pytorch-optimizer"]
 
@@ -109,10 +150,22 @@ def main(rounds: int = 3, steps: int = 30, optimizers: list[str] | None = None, 
     text = tabulate(table(times), headers=HEADERS, tablefmt="github")
     footer = (f"\n\n{len(SHAPES)} tensors, {n_params / 1e6:.2f}M fp32 parameters; {rounds} interleaved rounds × "
               f"{steps} timed steps; 1 thread; torch {torch.__version__}; {platform.processor() or platform.machine()}")
-    print(text + footer)
+    sections = [text + footer]
+    if optimizers is None or "muon" in optimizers:
+        from ..ops.newton_schulz import flops
+        for threads in (1, 2):
+            mt = measure_muon(rounds, max(2, steps // 10), threads)
+            sections.append(f"Muon family, {len(MATRIX_SHAPES)} matrices (16 × 256×256 + 4 × 256×1024), {threads} "
+                            f"thread(s); NS5 = {sum(flops(*s) for s in MATRIX_SHAPES) / 1e9:.2f} GFLOP per step:\n\n"
+                            + tabulate(muon_table(mt), headers=["optimizer", "median ms/step",
+                                                                 "speed-up vs torch.optim.Muon", "NS GFLOP/s"],
+                                       tablefmt="github"))
+        torch.set_num_threads(1)
+    text = "\n\n".join(sections)
+    print(text)
     if out:
         with open(out, "w") as fh:
-            fh.write(text + footer + "\n")
+            fh.write(text + "\n")
     return text
 
 

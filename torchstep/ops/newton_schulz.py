@@ -110,6 +110,6 @@ def newton_schulz_many(matrices: Sequence[Tensor], **kwargs) -> list[Tensor]:
 
 
 def flops(m: int, n: int, steps: int = 5) -> int:
-    """Multiply-add FLOPs (×2) of ``steps`` iterations on one m×n matrix (wide orientation)."""
+    """FLOPs (multiplies and adds counted separately) of ``steps`` iterations on one m×n matrix."""
     m, n = min(m, n), max(m, n)
     return steps * (4 * m * m * n + 2 * m ** 3)

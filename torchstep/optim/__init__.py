@@ -7,6 +7,7 @@ from .lion import Lion
 from .muon import SWAN, Muon, SinkGD
 from .sophia import SophiaG, SophiaH
 from .spam import SPAM, StableSPAM
+from .spectra import Spectra
 
 __all__ = ["TorchstepOptimizer", "Lion", "AdamP", "SGDP", "DiffGrad", "SophiaG", "SophiaH",
-           "SPAM", "StableSPAM", "CLASSP", "Muon", "SinkGD", "SWAN"]
+           "SPAM", "StableSPAM", "CLASSP", "Muon", "SinkGD", "SWAN", "Spectra"]
