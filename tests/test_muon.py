@@ -150,3 +150,37 @@ def test_muon_solves_a_matrix_least_squares_problem():
         ((A @ (W - W_star).T) ** 2).mean().backward()
         opt.step(), sched.step()
     assert (W.detach() - W_star).abs().max() < 5e-2
+
+
+def test_normuon_row_statistic_and_both_update_scales():
+    from torchstep.ops.newton_schulz import newton_schulz
+    from torchstep.optim import NorMuon
+    g = torch.Generator().manual_seed(6)
+    grad = torch.randn(24, 40, generator=g)
+    for compat in ("paper", "official"):
+        p = torch.zeros(24, 40, requires_grad=True)
+        p.grad = grad
+        opt = NorMuon([p], lr=0.1, momentum=0.0, nesterov=False, beta2=0.0, compat=compat, ns_dtype="float32")
+        opt.step()
+        O = newton_schulz(grad, compute_dtype=torch.float32)
+        v = opt.state[p]["row_second_moment"]
+        assert v.shape == (24, 1)
+        torch.testing.assert_close(v, O.square().mean(-1, keepdim=True))
+        update = -p.detach() / 0.1
+        if compat == "paper":
+            assert update.square().mean().sqrt().item() == pytest.approx(0.2, rel=1e-5)    # RMS 0.2·η
+        else:
+            assert update.norm().item() == pytest.approx(O.norm().item(), rel=1e-5)     # Frobenius kept
+        normed = O / (O.square().mean(-1, keepdim=True).sqrt() + 1e-10)
+        direction = normed / normed.norm()
+        torch.testing.assert_close(update / update.norm(), direction, rtol=1e-5, atol=1e-6)
+
+
+def test_normuon_equal_row_norms_and_beta2_zero_is_plain_muon_direction():
+    from torchstep.optim import NorMuon
+    W = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(7)))[0]   # orthogonal rows
+    p, q = torch.zeros(32, 32, requires_grad=True), torch.zeros(32, 32, requires_grad=True)
+    p.grad, q.grad = W.clone(), W.clone()
+    NorMuon([p], lr=1.0, momentum=0.0, nesterov=False, beta2=0.0, compat="official", ns_dtype="float32").step()
+    Muon([q], lr=1.0, momentum=0.0, nesterov=False, ns_dtype="float32").step()
+    torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)

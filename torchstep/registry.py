@@ -130,6 +130,13 @@ SPECS: dict[str, OptimizerSpec] = {s.name: s for s in [
         quadratic_lr=2e-2, rosenbrock_lr=2e-2, bench_lr=3e-3, bench_kwargs={"adjust_lr": "match_rms_adamw",
                                                                              "fallback_lr": 3e-3}),
     OptimizerSpec(
+        "normuon", optim.NorMuon, "orthogonalized", "2510.05491",
+        base_kwargs={"fallback_lr": 2e-2},
+        configs=(({}, "paper"), ({"compat": "official"}, "official"), ({"beta2": 0.0}, "beta2=0")),
+        invalid=_COMMON_INVALID + _WD_INVALID +
+        (({"beta2": 1.0}, "beta2"), ({"compat": "x"}, "compat"), ({"normalize_eps": 0.0}, "normalize_eps")),
+        quadratic_lr=2e-2, rosenbrock_lr=2e-2, bench_lr=3e-3, bench_kwargs={"fallback_lr": 3e-3}),
+    OptimizerSpec(
         "sinkgd", optim.SinkGD, "stateless", "2502.06742",
         base_kwargs={"fallback_lr": 2e-2},
         configs=(({}, "default"), ({"normalization": "unit", "iters": 2}, "unit"),

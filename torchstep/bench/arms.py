@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from ..ops import gnb_sampled_loss
+from ..optim import Spectra
 from ..partition import param_groups
 from ..registry import SPECS
 from .tasks import Problem
@@ -50,6 +51,9 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
     Arm("torch-muon", lambda g, lr: torch.optim.Muon(g, lr=lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw"), 3e-3,
         matrix_only=True, kwargs={"adjust_lr_fn": "match_rms_adamw"}),
     *(_ours(spec) for spec in SPECS.values()),
+    # the SPECTRA wrapper over torch AdamW (c = 5: the paper's 160M recipe; matrices only)
+    Arm("spectra-adamw", lambda g, lr: Spectra(torch.optim.AdamW(g, lr=lr, weight_decay=0.0), c=5.0), 3e-3,
+        kwargs={"c": 5.0}),
 ]}
 
 PEERS = ("adamw", "sgd", "torch-muon")

@@ -4,10 +4,10 @@ from .adamp import AdamP, SGDP
 from .classp import CLASSP
 from .diffgrad import DiffGrad
 from .lion import Lion
-from .muon import SWAN, Muon, SinkGD
+from .muon import SWAN, Muon, NorMuon, SinkGD
 from .sophia import SophiaG, SophiaH
 from .spam import SPAM, StableSPAM
 from .spectra import Spectra
 
 __all__ = ["TorchstepOptimizer", "Lion", "AdamP", "SGDP", "DiffGrad", "SophiaG", "SophiaH",
-           "SPAM", "StableSPAM", "CLASSP", "Muon", "SinkGD", "SWAN", "Spectra"]
+           "SPAM", "StableSPAM", "CLASSP", "Muon", "NorMuon", "SinkGD", "SWAN", "Spectra"]

@@ -24,7 +24,7 @@ from ..ops.sinkhorn import sinkhorn_normalize
 from ..ops.spectral import whiten
 from ._base import TorchstepOptimizer, check_choice, check_range, decay_, scalar
 
-MATRIX_ALGOS = ("muon", "sinkgd", "swan")
+MATRIX_ALGOS = ("muon", "normuon", "sinkgd", "swan")
 ALGOS = MATRIX_ALGOS + ("adamw",)
 FALLBACK_NAMES = ("embedding", "head", "no_decay")
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
@@ -133,6 +133,7 @@ class _MatrixHybrid(TorchstepOptimizer):
         directions = [as_matrix(self._direction(work, grad, state, group)) for work, grad, state in items]
         updates = self._orthogonalise(directions, group)
         for p, (work, _, state), u in zip(params, items, updates):
+            u = self._finalise(u, state, group)
             self._advance(state)
             decay_(work, lr, group["weight_decay"])          # decoupled decay with the base lr
             work.add_(u.view_as(work), alpha=-lr * self._scale(u, group))
@@ -140,6 +141,9 @@ class _MatrixHybrid(TorchstepOptimizer):
 
     def _direction(self, p, grad, state, group) -> Tensor:
         return grad
+
+    def _finalise(self, u: Tensor, state, group) -> Tensor:
+        return u
 
     def _scale(self, u: Tensor, group) -> float:
         return 1.0
@@ -185,7 +189,11 @@ class Muon(_MatrixHybrid):
                                       adjust_lr=adjust_lr, fallback_lr=fallback_lr, fallback_betas=fallback_betas,
                                       fallback_eps=fallback_eps, fallback_weight_decay=fallback_weight_decay,
                                       betas=fallback_betas, eps=fallback_eps, algo=self.matrix_algo,
-                                      maximize=maximize, nonfinite=nonfinite))
+                                      maximize=maximize, nonfinite=nonfinite, **self._extra_defaults()))
+
+    def _extra_defaults(self) -> dict[str, Any]:
+        """Hyperparameters a subclass adds (NorMuon's beta2, …)."""
+        return {}
 
     def _validate(self, group):
         super()._validate(group)
@@ -208,6 +216,63 @@ class Muon(_MatrixHybrid):
 
     def _scale(self, u, group):
         return shape_scale(group["adjust_lr"], u.shape[0], u.shape[1])
+
+
+class NorMuon(Muon):
+    r"""NorMuon: Muon followed by neuron-wise (per output row) second-moment normalisation.
+
+    For a matrix group, after ``O = NS(u)`` as in :class:`Muon`:
+
+    .. math::
+        v &\leftarrow \beta_2 v + (1-\beta_2)\,\mathrm{mean}_j(O_{ij}^2) \quad (v \in \mathbb R^{m\times 1}) \\
+        \hat O &= O \oslash (\sqrt v + \epsilon) \\
+        \text{paper: } \theta &\leftarrow \theta(1-\eta\lambda) - \eta \cdot 0.2\sqrt{mn}\,\hat O/\|\hat O\|_F
+            \quad(\text{update RMS } 0.2\eta) \\
+        \text{official: } \theta &\leftarrow \theta(1-\eta\lambda) - \eta\sqrt{\max(1, m/n)}\;
+            \hat O\,\|O\|_F/\|\hat O\|_F \quad(\text{Frobenius norm of } O \text{ kept, Keller scale})
+
+    ``compat="paper"`` (default) or ``"official"`` (zichongli5/NorMuon ``normuon.py``; issue #9 of that
+    repository discusses the difference).  No bias correction of ``v`` (as both).  Conv weights: the
+    statistic is per output channel of the flattened (out, in·kh·kw) matrix — the official code
+    reshapes to 4-D first and normalises over kw instead (documented deviation).
+
+    Defaults: ``lr=0.02, momentum=0.95, beta2=0.95, eps=1e-10, nesterov=True, weight_decay=0``;
+    fallback AdamW as :class:`Muon`.  Paper: Li, Liu, Liang, Chen, Zhao, "NorMuon: Making Muon more
+    efficient and scalable", arXiv 2510.05491.  Memory: Muon's plus one scalar per output row.
+    """
+
+    matrix_algo = "normuon"
+
+    def __init__(self, params: Any, lr: float = 0.02, momentum: float = 0.95, beta2: float = 0.95,
+                 normalize_eps: float = 1e-10, compat: str = "paper", **kwargs: Any) -> None:
+        self._normuon = dict(beta2=beta2, normalize_eps=normalize_eps, compat=compat)
+        super().__init__(params, lr=lr, momentum=momentum, **kwargs)
+
+    def _extra_defaults(self) -> dict[str, Any]:
+        return self._normuon
+
+    def _validate(self, group):
+        super()._validate(group)
+        if group["algo"] == "normuon":
+            check_range("beta2", group["beta2"], 0.0, 1.0, hi_open=True)
+            check_range("normalize_eps", group["normalize_eps"], 0.0, lo_open=True)
+            check_choice("compat", group["compat"], ("paper", "official"))
+
+    def _init_matrix_state(self, p, state, group):
+        super()._init_matrix_state(p, state, group)
+        state["row_second_moment"] = torch.zeros(p.shape[0], 1, dtype=p.dtype, device=p.device)
+
+    def _finalise(self, u, state, group):
+        v, eps = state["row_second_moment"], group["normalize_eps"]
+        v.lerp_(u.float().square().mean(-1, keepdim=True).to(v.dtype), 1 - group["beta2"])
+        normed = u / (v.sqrt() + eps)
+        if group["compat"] == "official":
+            return normed * (torch.linalg.matrix_norm(u) / (torch.linalg.matrix_norm(normed) + eps))
+        m, n = u.shape
+        return normed * (0.2 * math.sqrt(m * n) / (torch.linalg.matrix_norm(normed) + eps))
+
+    def _scale(self, u, group):
+        return shape_scale("original", *u.shape) if group["compat"] == "official" else 1.0
 
 
 class SinkGD(_MatrixHybrid):
