@@ -146,6 +146,11 @@ def test_statistics():
     v = stats.verdict({"a": {"mean": 1.0, "finals": {0: 1.0, 1: 1.1, 2: 0.9}, "diverged": False},
                        "b": {"mean": 1.01, "finals": {0: 1.2, 1: 0.8, 2: 1.03}, "diverged": False}})
     assert v["winner"] == "a" and not v["significant"] and "no significant difference" in v["text"]
+    tied = {"a": {"mean": 1.0, "finals": {0: 1.0, 1: 1.1, 2: 0.9}, "diverged": False},
+            "a2": {"mean": 1.0, "finals": {0: 1.0, 1: 1.1, 2: 0.9}, "diverged": False},
+            "c": {"mean": 2.0, "finals": {0: 2.0, 1: 2.11, 2: 1.9}, "diverged": False}}
+    v = stats.verdict(tied)
+    assert v["significant"] and v["leaders"] == ["a", "a2"] and "tied with a2" in v["text"]
 
 
 def _cli(*args, **kw):

@@ -57,21 +57,31 @@ def summarise(rows: list[dict[str, Any]], status: dict) -> dict[str, dict[str, d
 
 
 def verdict(task_summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Winner by mean final metric; significant only if the paired test against the runner-up passes."""
+    """Leaders = the best arm by mean plus every arm a paired t-test cannot separate from it (p ≥ α).
+
+    A winner is named only when the leaders are significantly ahead of every other arm; if the test cannot
+    separate the best arm from all others, the verdict is "no significant difference".
+    """
     ranked = sorted((a for a, e in task_summary.items() if "mean" in e and not e["diverged"]),
                     key=lambda a: task_summary[a]["mean"])
     if not ranked:
         return {"winner": None, "text": "no arm finished"}
-    win = ranked[0]
-    res = {"winner": win, "runner_up": ranked[1] if len(ranked) > 1 else None}
-    if res["runner_up"] is None:
-        res.update(p=float("nan"), significant=False, text=f"{win} (only arm)")
-        return res
-    p = paired_p(task_summary[win]["finals"], task_summary[res["runner_up"]]["finals"])
-    res.update(p=p, significant=bool(p < ALPHA))
-    res["text"] = f"{win}" if res["significant"] else f"no significant difference ({win} ≈ {res['runner_up']})"
-    if "adamw" in task_summary and win != "adamw":
-        res["p_vs_adamw"] = paired_p(task_summary[win]["finals"], task_summary["adamw"]["finals"])
+    best = ranked[0]
+    p_values = {a: paired_p(task_summary[best]["finals"], task_summary[a]["finals"]) for a in ranked[1:]}
+    leaders = [best] + [a for a in ranked[1:] if not p_values[a] < ALPHA]
+    res = {"winner": best, "runner_up": ranked[1] if len(ranked) > 1 else None, "leaders": leaders,
+           "p": p_values.get(ranked[1], float("nan")) if len(ranked) > 1 else float("nan")}
+    if len(ranked) == 1:
+        res.update(significant=False, text=f"{best} (only arm)")
+    elif len(leaders) == len(ranked):
+        res.update(significant=False, text=f"no significant difference ({best} ≈ {ranked[1]})")
+    else:
+        trailing = len(ranked) - len(leaders)
+        others = leaders[1:4] + ([f"{len(leaders) - 4} more"] if len(leaders) > 4 else [])
+        tie = f" (tied with {', '.join(others)})" if len(leaders) > 1 else ""
+        res.update(significant=True, text=f"{best}{tie}: ahead of the other {trailing} arm(s), paired p < {ALPHA}")
+    if "adamw" in task_summary and best != "adamw":
+        res["p_vs_adamw"] = p_values.get("adamw", float("nan"))
     return res
 
 
