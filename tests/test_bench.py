@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from torchstep.bench import arms, corpus, report, stats, store, sweep
+from torchstep.bench import arms, corpus, stats, store, sweep
 from torchstep.bench.gpt import GPT, GPTConfig
 from torchstep.bench.runner import resolve, run_trial
 from torchstep.bench.tasks import TASKS

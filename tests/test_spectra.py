@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-import torchstep
 from torchstep.optim import Lion, Spectra
 
 

@@ -22,7 +22,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from .arms import ARMS, applicable, extend, lr_grid
 from .runner import resolve, run_trial
@@ -167,10 +167,6 @@ def sweep(suite: Suite, out: str | Path, workers: int | None = None, backend: st
             current.close()
             bar.close()
     return db
-
-
-def load(db: str | Path) -> list[dict[str, Any]]:
-    return trials(db)
 
 
 ALL_ARMS = tuple(ARMS)

@@ -44,9 +44,6 @@ def shape_scale(rule: str, m: int, n: int) -> float:
 class _MatrixHybrid(TorchstepOptimizer):
     matrix_algo = "muon"
 
-    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
-        super().__init__(params, defaults)
-
     # ------------------------------------------------------------------ routing
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = dict(param_group)
