@@ -109,6 +109,27 @@ def newton_schulz_many(matrices: Sequence[Tensor], **kwargs) -> list[Tensor]:
     return out  # type: ignore[return-value]
 
 
+def newton_schulz_many_split(matrices: Sequence[Tensor], group=None, **kwargs) -> list[Tensor]:
+    """Data-parallel variant of :func:`newton_schulz_many`: rank r orthogonalises matrices r, r+W, …
+    (W = world size), then every result is broadcast from its owner — the same output on every rank
+    as the unsplit call, with 1/W of the Newton–Schulz work per rank.  Falls back to the unsplit call
+    when ``torch.distributed`` is not initialised."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return newton_schulz_many(matrices, **kwargs)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    mine = list(range(rank, len(matrices), world))
+    done = dict(zip(mine, newton_schulz_many([matrices[i] for i in mine], **kwargs)))
+    out = []
+    for i, m in enumerate(matrices):
+        # contiguous: a tall result is a transposed view, and collectives send memory order
+        result = done[i].contiguous() if i in done else torch.empty(m.shape, dtype=m.dtype, device=m.device)
+        dist.broadcast(result, src=dist.get_global_rank(group, i % world) if group is not None else i % world,
+                       group=group)
+        out.append(result)
+    return out
+
+
 def flops(m: int, n: int, steps: int = 5) -> int:
     """FLOPs (multiplies and adds counted separately) of ``steps`` iterations on one m×n matrix."""
     m, n = min(m, n), max(m, n)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..ops.newton_schulz import PRESETS, as_matrix, newton_schulz_many
+from ..ops.newton_schulz import PRESETS, as_matrix, newton_schulz_many, newton_schulz_many_split
 from ..ops.sinkhorn import sinkhorn_normalize
 from ..ops.spectral import whiten
 from ._base import TorchstepOptimizer, check_choice, check_range, decay_, scalar
@@ -170,6 +170,10 @@ class Muon(_MatrixHybrid):
     ``torch.optim.Muon``'s own defaults are ``lr=1e-3, weight_decay=0.1`` with the same rule; with
     ``ns_dtype="bfloat16"`` the iteration is bit-identical to torch's (tested).
 
+    Data parallel: with DDP every rank holds the same averaged gradients, so the step is identical on all
+    ranks; ``split_across_ranks=True`` lets each rank orthogonalise a share of the matrices and broadcast
+    it (:func:`torchstep.ops.newton_schulz.newton_schulz_many_split`) — same result, 1/W of the NS work.
+
     Paper/code: K. Jordan et al., "Muon: An optimizer for hidden layers in neural networks" (2024,
     KellerJordan/Muon); Moonlight, arXiv 2502.16982 (``match_rms_adamw``).  Deviation avoided: some
     ports computed the conv scale from the 4-D shape; we use the flattened (out, in·kh·kw) shape.
@@ -180,7 +184,9 @@ class Muon(_MatrixHybrid):
                  weight_decay: float = 0.0, ns_steps: int = 5, ns_preset: str = "quintic",
                  ns_dtype: str = "bfloat16", adjust_lr: str = "original", fallback_lr: float = 3e-4,
                  fallback_betas: tuple[float, float] = (0.9, 0.95), fallback_eps: float = 1e-10,
-                 fallback_weight_decay: float = 0.0, *, maximize: bool = False, nonfinite: str = "skip") -> None:
+                 fallback_weight_decay: float = 0.0, *, split_across_ranks: bool = False, maximize: bool = False,
+                 nonfinite: str = "skip") -> None:
+        self.split_across_ranks = split_across_ranks
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                                       ns_steps=ns_steps, ns_preset=ns_preset, ns_dtype=ns_dtype,
                                       adjust_lr=adjust_lr, fallback_lr=fallback_lr, fallback_betas=fallback_betas,
@@ -208,8 +214,9 @@ class Muon(_MatrixHybrid):
         return grad.lerp(buf, mu) if group["nesterov"] else buf
 
     def _orthogonalise(self, directions, group):
-        return newton_schulz_many(directions, steps=group["ns_steps"], preset=group["ns_preset"],
-                                  compute_dtype=_DTYPES[group["ns_dtype"]])
+        run = newton_schulz_many_split if self.split_across_ranks else newton_schulz_many
+        return run(directions, steps=group["ns_steps"], preset=group["ns_preset"],
+                   compute_dtype=_DTYPES[group["ns_dtype"]])
 
     def _scale(self, u, group):
         return shape_scale(group["adjust_lr"], u.shape[0], u.shape[1])
