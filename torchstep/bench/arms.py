@@ -56,7 +56,6 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
         kwargs={"c": 5.0}),
 ]}
 
-PEERS = ("adamw", "sgd", "torch-muon")
 
 
 def lr_grid(default_lr: float, points: int = 4, offsets: list[int] | None = None) -> list[float]:
