@@ -31,10 +31,11 @@ PEERS = {"lion": ("Lion", {}), "adamp": ("AdamP", {}), "sgdp": ("SGDP", {"moment
 OURS = {"sgdp": {"lr": 1e-3, "momentum": 0.9}}
 
 
-def _params(seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _params(seed: int = 0, shapes=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=g).requires_grad_() for s in SHAPES]
-    grads = [torch.randn(s, generator=g) * 1e-2 for s in SHAPES]
+    shapes = shapes or SHAPES
+    params = [torch.randn(s, generator=g).requires_grad_() for s in shapes]
+    grads = [torch.randn(s, generator=g) * 1e-2 for s in shapes]
     for p, gr in zip(params, grads):
         p.grad = gr.clone()
     return params, grads
@@ -70,13 +71,19 @@ def measure(selected: list[str] | None, rounds: int, steps: int, warmup: int = 3
     for label, build in builders.items():
         params, grads = _params()
         setups[label] = (build(params), params, grads)
+    return _interleaved(setups, rounds, steps, warmup)
+
+
+def _interleaved(setups: dict[str, tuple], rounds: int, steps: int, warmup: int) -> dict[str, list[float]]:
+    """Time ``opt.step()`` per candidate, candidates interleaved round by round; gradients restored untimed
+    before every step (peers may clip ``.grad`` in place)."""
     times: dict[str, list[float]] = {label: [] for label in setups}
     for r in range(rounds):
         for label, (opt, params, grads) in setups.items():
-            for i in range(warmup if r == 0 else 0) or ():
+            for _ in range(warmup if r == 0 else 0):
                 opt.step()
             for _ in range(steps):
-                for p, gr in zip(params, grads):   # peers may clip .grad in place: restore, untimed
+                for p, gr in zip(params, grads):
                     p.grad.copy_(gr)
                 start = time.perf_counter()
                 opt.step()
@@ -114,21 +121,9 @@ def measure_muon(rounds: int, steps: int, threads: int = 1) -> dict[str, list[fl
     torch.set_num_threads(threads)
     setups = {}
     for label, build in muon_candidates().items():
-        g = torch.Generator().manual_seed(0)
-        params = [torch.randn(s, generator=g).requires_grad_() for s in MATRIX_SHAPES]
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=g)
-        setups[label] = build(params)
-    times: dict[str, list[float]] = {label: [] for label in setups}
-    for r in range(rounds):
-        for label, opt in setups.items():
-            if r == 0:
-                opt.step()                      # warm-up
-            for _ in range(steps):
-                start = time.perf_counter()
-                opt.step()
-                times[label].append((time.perf_counter() - start) * 1e3)
-    return times
+        params, grads = _params(shapes=MATRIX_SHAPES)
+        setups[label] = (build(params), params, grads)
+    return _interleaved(setups, rounds, steps, warmup=1)
 
 
 def muon_table(times: dict[str, list[float]]) -> list[list[Any]]:

@@ -189,10 +189,7 @@ class TorchstepOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimisation step; returns the closure's loss (evaluated with grad)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         by_group: dict[int, tuple[dict[str, Any], list[Tensor]]] = {}
         for group, p in self._params_to_update():
             by_group.setdefault(id(group), (group, []))[1].append(p)
@@ -225,6 +222,14 @@ class TorchstepOptimizer(torch.optim.Optimizer):
             for key, value in saved.items():
                 if key != "step" and torch.is_tensor(value) and value.is_floating_point():
                     self.state[p][key] = value.to(device=p.device, copy=True)
+
+
+def evaluate_closure(closure: Callable[[], Any] | None) -> Any:
+    """Run ``closure`` with gradients enabled (steps run under ``no_grad``) and return its loss."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def decay_(p: Tensor, lr: float, weight_decay: float) -> None:

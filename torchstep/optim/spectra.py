@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..ops.newton_schulz import as_matrix
 from ..ops.spectral import soft_spectral_clip
-from ._base import check_choice, check_range, scalar
+from ._base import check_choice, check_range, evaluate_closure, scalar
 
 
 class Spectra(torch.optim.Optimizer):
@@ -87,10 +87,7 @@ class Spectra(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         targets = [(g, p) for g in self.param_groups for p in g["params"]
                    if p.grad is not None and self._applies(p) and math.isfinite(g["spectra_c"])]
         before = [p.detach().clone() for _, p in targets]
