@@ -7,6 +7,9 @@ Subclasses implement two hooks, written once per algorithm:
 * ``_update(p, grad, state, group)`` – update one parameter in place.  ``grad`` is never
   ``p.grad`` itself when it must be modified: implementations treat it as read-only.
 
+Methods that work across a group's tensors (batched Newton–Schulz) override ``_step_group(group,
+params)`` instead and use ``_working``/``_write_back`` to get the same dtype/``maximize``/state handling.
+
 The base class owns what must be identical everywhere: closure handling, the non-finite
 gradient policy, ``maximize``, the bf16/fp16 state policy, hyperparameter validation
 with ``ValueError`` naming the argument, and a ``load_state_dict`` that keeps fp32 state.

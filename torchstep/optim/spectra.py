@@ -31,7 +31,8 @@ class Spectra(torch.optim.Optimizer):
     clipped copies during ``base.step()`` and put back untouched.
 
     Hyperparameters live in the base's ``param_groups`` (``spectra_c``, ``spectra_pre_clip``) so schedules
-    and checkpoints cover them; ``state``/``param_groups``/``state_dict`` delegate to the base.
+    and checkpoints cover them; ``state``/``param_groups``/``state_dict`` delegate to the base, and the
+    base's step hooks are shared (they run around the base's own step, i.e. before the clipping).
     Defaults: ``c=1.0, ns_steps=10, apply_to="2d"`` (official class defaults; the paper's scripts use
     c = 5 at 160M and c = 10 at 780M with ``apply_to="all"``).  The inverse square root runs in fp32
     (bf16 diverges for ≥ 15 steps in the official code).
