@@ -1,4 +1,4 @@
-"""``torchstep`` command line: ``list``, ``demo``, ``bench speed``.
+"""``torchstep`` command line: ``list``, ``bench`` (and ``bench speed``), ``report``.
 
 Uses the standard library's ``argparse`` so the core install stays torch + numpy only.
 """
@@ -31,11 +31,6 @@ def cmd_list(args: argparse.Namespace) -> None:
     widths = [max(len(str(r[i])) for r in rows + [LIST_HEADER]) for i in range(len(LIST_HEADER))]
     for row in [LIST_HEADER, tuple("-" * w for w in widths), *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
-
-
-def cmd_demo(args: argparse.Namespace) -> None:
-    from . import demo
-    demo.main(seeds=args.seeds, steps=args.steps)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -124,10 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", help="registered optimizers with family, paper and parity status")
     listing.add_argument("--markdown", action="store_true", help="print a markdown table (as in README.md)")
     listing.set_defaults(func=cmd_list)
-    demo = sub.add_parser("demo", help="train a small MLP with every optimizer and print a comparison")
-    demo.add_argument("--seeds", type=int, default=2)
-    demo.add_argument("--steps", type=int, default=200)
-    demo.set_defaults(func=cmd_demo)
     bench = sub.add_parser("bench", help="optimizer comparison sweep + report (`bench speed`: step-time table)")
     bench.add_argument("what", nargs="?", choices=["speed"], help="`speed`: the step-time microbenchmark")
     bench.add_argument("--suite", choices=["smoke", "default", "full"], default="default")

@@ -109,7 +109,6 @@ class ArmOptimizer:
                 return (step + 1) / warmup
             return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in self.optimizers]
-        self.batch = None
 
     def zero_grad(self) -> None:
         for o in self.optimizers:

@@ -82,7 +82,7 @@ def plan(suite: Suite, done: dict[str, dict]) -> tuple[list[dict], dict[tuple[st
 
 
 def _worker_init() -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
+    # one torch thread per trial is set by run_trial itself (torch.set_num_threads(1))
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the main process decides; finished trials are committed
 
 

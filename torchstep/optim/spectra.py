@@ -92,15 +92,14 @@ class Spectra(torch.optim.Optimizer):
         targets = [(g, p) for g in self.param_groups for p in g["params"]
                    if p.grad is not None and self._applies(p) and math.isfinite(g["spectra_c"])]
         before = [p.detach().clone() for _, p in targets]
-        originals = [(p, p.grad) for g in self.param_groups if g["spectra_pre_clip"] for p in g["params"]
-                     if p.grad is not None and self._applies(p)]
+        originals = [(p, p.grad, g["spectra_pre_clip"]) for g in self.param_groups if g["spectra_pre_clip"]
+                     for p in g["params"] if p.grad is not None and self._applies(p)]
         try:
-            for p, grad in originals:
-                p.grad = self._clip(grad, next(g["spectra_pre_clip"] for g in self.param_groups
-                                               if any(q is p for q in g["params"])))
+            for p, grad, c in originals:
+                p.grad = self._clip(grad, c)
             self.base.step()
         finally:
-            for p, grad in originals:   # the caller's gradient tensors, untouched
+            for p, grad, _ in originals:   # the caller's gradient tensors, untouched
                 p.grad = grad
         for (group, p), x0 in zip(targets, before):
             lr = scalar(group["lr"])
