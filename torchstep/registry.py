@@ -137,6 +137,24 @@ SPECS: dict[str, OptimizerSpec] = {s.name: s for s in [
         (({"beta2": 1.0}, "beta2"), ({"compat": "x"}, "compat"), ({"normalize_eps": 0.0}, "normalize_eps")),
         quadratic_lr=2e-2, rosenbrock_lr=2e-2, bench_lr=3e-3, bench_kwargs={"fallback_lr": 3e-3}),
     OptimizerSpec(
+        "muonpp", optim.MuonPP, "orthogonalized", "2601.01306",
+        base_kwargs={"fallback_lr": 2e-2, "weight_decay": 0.0},
+        configs=(({}, "no decay"), ({"weight_decay": 0.1, "nesterov": False}, "decay (weight bound)"),
+                 ({"ns_preset": "convergent", "ns_steps": 12, "ns_dtype": "float32"}, "convergent NS fp32")),
+        invalid=_COMMON_INVALID + _WD_INVALID +
+        (({"weight_decay": 100.0}, "weight_decay"), ({"adjust_lr": "original"}, "adjust_lr"),
+         ({"ns_steps": 0}, "ns_steps")),
+        quadratic_lr=2e-2, rosenbrock_lr=2e-2, bench_lr=1e-2, bench_kwargs={"fallback_lr": 3e-3, "weight_decay": 0.0}),
+    OptimizerSpec(
+        "lanton", optim.Lanton, "orthogonalized", "2510.14009",
+        base_kwargs={"fallback_lr": 2e-2},
+        configs=(({}, "spectral, nuclear"), ({"noise_norm": "frobenius"}, "frobenius noise"),
+                 ({"lmo": "sign"}, "sign LMO"), ({"nesterov": True, "weight_decay": 0.1}, "nesterov + wd")),
+        invalid=_COMMON_INVALID + _WD_INVALID +
+        (({"beta2": 1.0}, "beta2"), ({"lmo": "x"}, "lmo"), ({"noise_norm": "x"}, "noise_norm"),
+         ({"momentum": 1.5}, "momentum")),
+        quadratic_lr=2e-2, rosenbrock_lr=2e-2, bench_lr=1e-2, bench_kwargs={"fallback_lr": 3e-3}),
+    OptimizerSpec(
         "sinkgd", optim.SinkGD, "stateless", "2502.06742",
         base_kwargs={"fallback_lr": 2e-2},
         configs=(({}, "default"), ({"normalization": "unit", "iters": 2}, "unit"),

@@ -13,18 +13,20 @@ come from ``fallback_lr``/``fallback_betas``/``fallback_eps``/``fallback_weight_
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..ops.newton_schulz import PRESETS, as_matrix, newton_schulz_many, newton_schulz_many_split
+from ..ops.newton_schulz import (PRESETS, as_matrix, newton_schulz_many, newton_schulz_many_split,
+                                 singular_value_bound)
 from ..ops.sinkhorn import sinkhorn_normalize
 from ..ops.spectral import whiten
 from ._base import TorchstepOptimizer, check_choice, check_range, decay_, scalar
 
-MATRIX_ALGOS = ("muon", "normuon", "sinkgd", "swan")
+MATRIX_ALGOS = ("muon", "normuon", "muonpp", "lanton", "sinkgd", "swan")
 ALGOS = MATRIX_ALGOS + ("adamw",)
 FALLBACK_NAMES = ("embedding", "head", "no_decay")
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
@@ -94,7 +96,7 @@ class _MatrixHybrid(TorchstepOptimizer):
         check_range("fallback_lr", group["fallback_lr"], 0.0)
         check_range("fallback_eps", group["fallback_eps"], 0.0, lo_open=True)
         check_range("fallback_weight_decay", group["fallback_weight_decay"], 0.0)
-        if group["algo"] in MATRIX_ALGOS:
+        if group["algo"] in MATRIX_ALGOS and group.get("lmo") != "sign":
             bad = [tuple(p.shape) for p in group["params"] if p.dim() < 2]
             if bad:
                 raise ValueError(f"Invalid algo: {group['algo']!r} needs tensors with ndim >= 2, got shapes {bad}")
@@ -129,8 +131,11 @@ class _MatrixHybrid(TorchstepOptimizer):
         items = [self._working(p, group) for p in params]
         directions = [as_matrix(self._direction(work, grad, state, group)) for work, grad, state in items]
         updates = self._orthogonalise(directions, group)
-        for p, (work, _, state), u in zip(params, items, updates):
+        factors = self._layer_factors([state for _, _, state in items], group)
+        for p, (work, _, state), u, factor in zip(params, items, updates, factors):
             u = self._finalise(u, state, group)
+            if factor is not None:
+                u = u * factor
             self._advance(state)
             decay_(work, lr, group["weight_decay"])          # decoupled decay with the base lr
             work.add_(u.view_as(work), alpha=-lr * self._scale(u, group))
@@ -141,6 +146,10 @@ class _MatrixHybrid(TorchstepOptimizer):
 
     def _finalise(self, u: Tensor, state, group) -> Tensor:
         return u
+
+    def _layer_factors(self, states, group) -> list:
+        """Per-tensor lr multipliers that depend on the whole group (Lanton); ``None``: none."""
+        return [None] * len(states)
 
     def _scale(self, u: Tensor, group) -> float:
         return 1.0
