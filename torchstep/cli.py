@@ -1,4 +1,4 @@
-"""``torchstep`` command line: ``list``, ``bench`` (and ``bench speed``), ``report``.
+"""``torchstep`` command line: ``list``, ``bench`` (and ``bench speed``), ``report``, ``width-sweep``.
 
 Uses the standard library's ``argparse`` so the core install stays torch + numpy only.
 """
@@ -14,8 +14,13 @@ LIST_HEADER = ("name", "class", "family", "arXiv", "parity with official code te
 
 
 def list_rows() -> list[tuple[str, ...]]:
-    return [(s.name, s.cls.__name__, s.family, s.arxiv, s.parity or "no (equation-level tests)")
-            for s in SPECS.values()]
+    return [(s.name, s.cls.__name__, s.family, s.arxiv, _parity(s)) for s in SPECS.values()]
+
+
+def _parity(spec) -> str:
+    if spec.reconstructed:
+        return "no code; rule partly reconstructed, unverified against the paper (docstring)"
+    return spec.parity or "no (equation-level tests)"
 
 
 def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
@@ -108,6 +113,19 @@ def cmd_report(args: argparse.Namespace) -> None:
     export(args.dir, args.export)
 
 
+def cmd_width_sweep(args: argparse.Namespace) -> None:
+    import torch
+
+    from .diagnostics import width_sweep
+    torch.set_num_threads(1)
+    header = ("optimizer", "width", "max ‖ΔW‖₂/s", "max ‖W‖₂/s", "final loss", "feature change")
+    rows = [(name, str(r.width), f"{r.max_update_ratio:.4f}", f"{r.max_weight_ratio:.3f}", f"{r.final_loss:.4f}",
+             f"{r.feature_change:.3f}")
+            for name, make in width_sweep.ARMS.items()
+            for r in width_sweep.sweep(make, widths=args.widths, steps=args.steps)]
+    print(markdown_table(header, rows))
+
+
 def fail(message: str) -> None:
     print(f"torchstep: error: {message}", file=sys.stderr)
     raise SystemExit(2)
@@ -138,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=3, help="(speed) interleaved rounds")
     bench.add_argument("--speed-steps", type=int, default=30, help="(speed) timed steps per round")
     bench.set_defaults(func=cmd_bench)
+    ws = sub.add_parser("width-sweep", help="μP spectral condition across widths (Muon++ vs Muon scales)")
+    ws.add_argument("--widths", nargs="+", type=int, default=[64, 128, 256, 512])
+    ws.add_argument("--steps", type=int, default=100)
+    ws.set_defaults(func=cmd_width_sweep)
     rep = sub.add_parser("report", help="write report.md, figures and CSV for a results directory")
     rep.add_argument("dir")
     rep.add_argument("--export", nargs="+", choices=["tensorboard", "mlflow"], default=[])

@@ -13,15 +13,13 @@ come from ``fallback_lr``/``fallback_betas``/``fallback_eps``/``fallback_weight_
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..ops.newton_schulz import (PRESETS, as_matrix, newton_schulz_many, newton_schulz_many_split,
-                                 singular_value_bound)
+from ..ops.newton_schulz import PRESETS, as_matrix, newton_schulz_many, newton_schulz_many_split
 from ..ops.sinkhorn import sinkhorn_normalize
 from ..ops.spectral import whiten
 from ._base import TorchstepOptimizer, check_choice, check_range, decay_, scalar

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..ops.newton_schulz import as_matrix, singular_value_bound
-from ._base import check_choice, check_range, invalid, scalar
+from ._base import check_choice, check_range, invalid
 from .muon import Muon, shape_scale
 
 _bound = functools.lru_cache(maxsize=None)(singular_value_bound)

@@ -1,0 +1,1 @@
+"""Training diagnostics built on the optimizers (``optim`` ← ``diagnostics`` ← ``bench``)."""
