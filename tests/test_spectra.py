@@ -91,3 +91,23 @@ def test_delegation_schedulers_checkpoints_and_closure():
     assert fresh.param_groups[0]["spectra_c"] == 2.0 and len(fresh.state) == 3
     with pytest.raises(ValueError, match="apply_to"):
         Spectra(Lion(_params()), apply_to="some")
+
+
+def test_c_warmup_keeps_c_times_lr_constant_during_warmup_then_uses_c():
+    # official schedule: c_t = c·η_peak/η_t for the first N steps; equal to setting spectra_c by hand
+    g = torch.Generator().manual_seed(9)
+    a = torch.randn(12, 8, generator=g).requires_grad_()
+    b = a.detach().clone().requires_grad_()
+    warm = Spectra(torch.optim.SGD([a], lr=0.1), c=0.5, c_warmup_steps=3)
+    manual = Spectra(torch.optim.SGD([b], lr=0.1), c=0.5)
+    factor = lambda k: min(1.0, (k + 1) / 4)   # noqa: E731  4-step linear lr warm-up
+    s1 = torch.optim.lr_scheduler.LambdaLR(warm, factor)
+    s2 = torch.optim.lr_scheduler.LambdaLR(manual, factor)
+    for k in range(6):
+        grad = torch.randn(12, 8, generator=g)
+        a.grad, b.grad = grad.clone(), grad.clone()
+        manual.param_groups[0]["spectra_c"] = 0.5 / factor(k) if k < 3 else 0.5
+        warm.step(), manual.step()
+        s1.step(), s2.step()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert warm.param_groups[0]["spectra_step"] == 6

@@ -38,14 +38,17 @@ class Spectra(torch.optim.Optimizer):
     (bf16 diverges for ≥ 15 steps in the official code).
 
     Paper: Jiang, Semenov, Stich, "SPECTRA: Spectral Clipping…", ICML 2026, arXiv 2603.14315; official
-    code mlolab/llm-spectral-clipping.  Deviation: the c warm-up schedule (c·η constant during lr
-    warm-up) is left to the user (set ``group["spectra_c"]``).  Memory: the base's state plus a
+    code mlolab/llm-spectral-clipping.  ``c_warmup_steps=N`` applies the official c schedule: for the first N
+    steps c_t = c·η_peak/η_t (c·η constant during lr warm-up; η_peak is the group's ``initial_lr``, which
+    torch's lr schedulers set); the optional WSD-phase decay of c is left to the user (``group["spectra_c"]``
+    is read every step).  Memory: the base's state plus a
     transient copy of each parameter during the step.
     """
 
     def __init__(self, base: torch.optim.Optimizer, c: float = 1.0, ns_steps: int = 10, apply_to: str = "2d",
-                 pre_clip: float | None = None, decoupled_weight_decay: bool = True) -> None:
+                 pre_clip: float | None = None, decoupled_weight_decay: bool = True, c_warmup_steps: int = 0) -> None:
         check_range("c", c, 0.0, lo_open=True)
+        check_range("c_warmup_steps", c_warmup_steps, 0)
         check_range("ns_steps", ns_steps, 1)
         check_choice("apply_to", apply_to, ("2d", "all"))
         if pre_clip is not None:
@@ -55,6 +58,8 @@ class Spectra(torch.optim.Optimizer):
         for group in base.param_groups:
             group.setdefault("spectra_c", c)
             group.setdefault("spectra_pre_clip", pre_clip)
+            group.setdefault("spectra_c_warmup_steps", c_warmup_steps)
+            group.setdefault("spectra_step", 0)
         # share, do not copy: schedulers, hooks and checkpoints see one set of groups and state
         self.defaults = base.defaults
         self.param_groups = base.param_groups
@@ -107,7 +112,18 @@ class Spectra(torch.optim.Optimizer):
                 continue
             lam = group.get("weight_decay", 0.0) if self.decoupled else 0.0
             direction = (x0 - p) / lr - lam * x0
-            clipped = self._clip(direction, group["spectra_c"])
+            clipped = self._clip(direction, self._effective_c(group, lr))
             rows, cols = as_matrix(p).shape if p.dim() >= 2 else (1, 1)
             p.copy_(x0 * (1 - lam * lr) - math.sqrt(max(1.0, rows / cols)) * lr * clipped)
+        for group in self.param_groups:
+            group["spectra_step"] += 1
         return loss
+
+    @staticmethod
+    def _effective_c(group: dict[str, Any], lr: float) -> float:
+        """The official c schedule: during the first ``spectra_c_warmup_steps`` steps, c·η stays at its
+        value at the peak lr (``initial_lr``, set by torch's lr schedulers), i.e. c_t = c·η_peak/η_t."""
+        c = group["spectra_c"]
+        if group["spectra_step"] < group["spectra_c_warmup_steps"] and "initial_lr" in group:
+            return c * scalar(group["initial_lr"]) / lr
+        return c
