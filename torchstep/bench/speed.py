@@ -110,11 +110,15 @@ MATRIX_SHAPES = [(256, 256)] * 16 + [(256, 1024)] * 4
 
 
 def muon_candidates() -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
-    from ..optim import Muon
+    from ..optim import Lanton, Muon, MuonPP, NorMuon
     return {"torch.optim.Muon (per matrix, bf16 NS5)": lambda ps: torch.optim.Muon(ps, lr=0.02),
             "torchstep Muon (batched, bf16 NS5)": lambda ps: Muon(ps, lr=0.02, weight_decay=0.1),
             "torchstep Muon (batched, fp32 NS5)": lambda ps: Muon(ps, lr=0.02, ns_dtype="float32"),
-            "torchstep Muon (batched, Polar Express 5)": lambda ps: Muon(ps, lr=0.02, ns_preset="polar_express5")}
+            "torchstep Muon (batched, Polar Express 5)": lambda ps: Muon(ps, lr=0.02, ns_preset="polar_express5"),
+            "torchstep NorMuon (batched, bf16 NS5)": lambda ps: NorMuon(ps, lr=0.02),
+            "torchstep MuonPP (batched, bf16 NS5)": lambda ps: MuonPP(ps, lr=0.02),
+            "torchstep Lanton (bf16 NS5, nuclear-norm noise: SVD)": lambda ps: Lanton(ps, lr=0.02),
+            "torchstep Lanton (bf16 NS5, Frobenius noise bound)": lambda ps: Lanton(ps, lr=0.02, noise_norm="frobenius")}
 
 
 def measure_muon(rounds: int, steps: int, threads: int = 1) -> dict[str, list[float]]:
