@@ -18,6 +18,17 @@ def _with_singular_values(s, m, n, seed=0):
     return U @ torch.diag(torch.as_tensor(s, dtype=torch.float64)) @ V.T
 
 
+def _assert_same_trajectory(opt_a, opt_b, a, b, g, steps, atol):
+    """Feed both optimizers the same random gradients and compare the parameters."""
+    for _ in range(steps):
+        for x, y in zip(a, b):
+            x.grad = torch.randn(x.shape, generator=g)
+            y.grad = x.grad.clone()
+        opt_a.step(), opt_b.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=0, atol=atol)
+
+
 @pytest.mark.parametrize("preset,expected", [("quintic", 1.2024), ("polar_express5", 1.1411), ("convergent", 1.0)])
 def test_singular_value_bound_is_attained_and_never_exceeded(preset, expected):
     bound = singular_value_bound(5, preset)
@@ -89,13 +100,7 @@ def test_muonpp_is_muon_with_the_spectral_scale_divided_by_nu():
     opt_a = MuonPP(a, lr=lr, weight_decay=wd)
     # Muon decays with its own lr, so lr/ν with ν·wd gives the same decay factor
     opt_b = Muon(b, lr=lr / QUINTIC_BOUND, weight_decay=wd * QUINTIC_BOUND, adjust_lr="spectral_norm")
-    for _ in range(10):
-        for x, y in zip(a, b):
-            x.grad = torch.randn(x.shape, generator=g)
-            y.grad = x.grad.clone()
-        opt_a.step(), opt_b.step()
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+    _assert_same_trajectory(opt_a, opt_b, a, b, g, steps=10, atol=1e-6)
 
 
 def test_width_sweep_muonpp_keeps_the_spectral_ratios_width_independent():
@@ -120,13 +125,7 @@ def test_lanton_with_one_tensor_per_group_is_muon_without_nesterov_at_the_spectr
     b = [x.detach().clone().requires_grad_() for x in a]
     lan = Lanton([{"params": [a[0]]}, {"params": [a[1]]}], lr=0.03)
     muon = Muon(b, lr=0.03 / QUINTIC_BOUND, nesterov=False, adjust_lr="spectral_norm")
-    for _ in range(8):
-        for x, y in zip(a, b):
-            x.grad = torch.randn(x.shape, generator=g)
-            y.grad = x.grad.clone()
-        lan.step(), muon.step()
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, rtol=0, atol=1e-7)
+    _assert_same_trajectory(lan, muon, a, b, g, steps=8, atol=1e-7)
 
 
 def test_lanton_noise_state_is_the_ema_of_the_squared_dual_norm_of_the_innovation():
