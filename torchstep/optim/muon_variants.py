@@ -22,6 +22,11 @@ from .muon import Muon, shape_scale
 _bound = functools.lru_cache(maxsize=None)(singular_value_bound)
 
 
+def _certified_spectral_scale(u: Tensor, group) -> float:
+    """√(d_out/d_in)/ν: with it, ‖step‖₂ ≤ lr·√(d_out/d_in) for any Newton–Schulz output (see MuonPP)."""
+    return shape_scale("spectral_norm", u.shape[0], u.shape[1]) / _bound(group["ns_steps"], group["ns_preset"])
+
+
 class MuonPP(Muon):
     r"""Muon++ (our reading): every update meets μP's spectral condition, so the weights do throughout.
 
@@ -74,7 +79,7 @@ class MuonPP(Muon):
             raise invalid("weight_decay", lr * group["weight_decay"], "lr·weight_decay ≤ 1 (the spectral bound needs it)")
 
     def _scale(self, u, group):
-        return shape_scale("spectral_norm", u.shape[0], u.shape[1]) / _bound(group["ns_steps"], group["ns_preset"])
+        return _certified_spectral_scale(u, group)
 
     @staticmethod
     def weight_bound(initial_spectral_norm: float, shape: tuple[int, ...], weight_decay: float) -> float:
@@ -171,9 +176,7 @@ class Lanton(Muon):
         return super()._orthogonalise(directions, group)
 
     def _scale(self, u, group):
-        if group["lmo"] == "sign":
-            return 1.0
-        return shape_scale("spectral_norm", u.shape[0], u.shape[1]) / _bound(group["ns_steps"], group["ns_preset"])
+        return 1.0 if group["lmo"] == "sign" else _certified_spectral_scale(u, group)
 
     def _layer_factors(self, states, group):
         t = int(states[0]["step"]) + 1 if states else 1
