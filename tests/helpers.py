@@ -7,7 +7,7 @@ import io
 import torch
 
 import torchstep
-from torchstep.registry import SPECS
+from fixtures import FIXTURES as SPECS
 
 
 def all_configs(include=lambda spec, desc: True):

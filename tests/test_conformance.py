@@ -1,6 +1,6 @@
 """Generic conformance suite: every registered optimizer x every valid configuration.
 
-A new optimizer gets all of these by registering an ``OptimizerSpec`` in ``torchstep.registry``.
+A new optimizer gets all of these by registering it in ``torchstep.registry`` and adding its ``Fixture`` to ``tests/fixtures.py``.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from helpers import (all_configs, assert_state_equal, clone_params, make_params, roundtrip,
                      run_steps, toy_loss)
-from torchstep.registry import SPECS
+from fixtures import FIXTURES as SPECS
 
 CONFIGS = all_configs()
 IDS = [c[2] for c in CONFIGS]
@@ -78,7 +78,7 @@ def test_group_with_zero_lr_does_not_move_and_groups_are_isolated(spec, kwargs, 
     run_steps(opt, params, 5)
     for p, before in zip(params[2:], frozen_before):
         assert torch.equal(p.detach(), before)
-    assert opt.param_groups[0]["lr"] == kwargs.get("lr", spec.cls.__init__.__defaults__[0])
+    assert opt.param_groups[0]["lr"] == kwargs.get("lr", opt.defaults["lr"])
 
 
 @pytest.mark.parametrize("spec,kwargs,_id", CONFIGS, ids=IDS)

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from torchstep.registry import SPECS
+from fixtures import FIXTURES as SPECS
 
 STEPS = 4
 

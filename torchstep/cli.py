@@ -14,7 +14,7 @@ LIST_HEADER = ("name", "class", "family", "arXiv", "parity with official code te
 
 
 def list_rows() -> list[tuple[str, ...]]:
-    return [(s.name, s.cls.__name__, s.family, s.arxiv, _parity(s)) for s in SPECS.values()]
+    return [(s.name, s.cls.__name__, s.family.value, s.arxiv, _parity(s)) for s in SPECS.values()]
 
 
 def _parity(spec) -> str:

@@ -19,6 +19,16 @@ from typing import Any, Iterable, Iterator
 from torch import nn
 
 DEFAULT_HEAD_PATTERN = r"(^|\.)(lm_head|head|classifier|fc_out|output)(\.|$)"
+
+# The one routing vocabulary: partitioner group names, hybrid optimizers and the benchmark all use these.
+MATRIX, EMBEDDING, HEAD, NO_DECAY = "matrix", "embedding", "head", "no_decay"
+LABELS = (MATRIX, EMBEDDING, HEAD, NO_DECAY)
+FALLBACK_LABELS = (EMBEDDING, HEAD, NO_DECAY)   # never a matrix-only rule
+
+
+def tensor_label(p) -> str:
+    """The label of a tensor seen without its module: ``matrix`` if ``ndim >= 2``, else ``no_decay``."""
+    return MATRIX if p.dim() >= 2 else NO_DECAY
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase,
                nn.RMSNorm)
 
@@ -35,10 +45,10 @@ def _trainable(model: nn.Module) -> Iterator[tuple[str, str, nn.Module, nn.Param
 
 def _kind(module_name: str, module: nn.Module, p: nn.Parameter, head: re.Pattern) -> str:
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-        return "embedding"
+        return EMBEDDING
     if p.ndim < 2 or isinstance(module, _NORM_TYPES):
-        return "no_decay"
-    return "head" if head.search(module_name) else "matrix"
+        return NO_DECAY
+    return HEAD if head.search(module_name) else MATRIX
 
 
 def classify(model: nn.Module, head_pattern: str = DEFAULT_HEAD_PATTERN) -> dict[str, str]:
@@ -49,11 +59,12 @@ def classify(model: nn.Module, head_pattern: str = DEFAULT_HEAD_PATTERN) -> dict
 
 def param_groups(model: nn.Module, weight_decay: float | None = None,
                  overrides: dict[str, dict[str, Any]] | None = None,
-                 head_pattern: str = DEFAULT_HEAD_PATTERN) -> list[dict[str, Any]]:
+                 head_pattern: str = DEFAULT_HEAD_PATTERN, decay_keys: bool = True) -> list[dict[str, Any]]:
     """Groups for ``model``: one per kind present, with ``weight_decay=0`` for ``no_decay``.
 
     ``weight_decay`` (if given) is set on decaying groups; ``overrides`` maps a kind to extra
-    group keys (e.g. ``{"embedding": {"lr": 3e-4}}``).  Tied parameters appear once.
+    group keys (e.g. ``{"embedding": {"lr": 3e-4}}``).  ``decay_keys=False`` writes no ``weight_decay``
+    key at all (for methods without weight decay).  Tied parameters appear once.
     """
     head = re.compile(head_pattern)
     groups: dict[str, dict[str, Any]] = {}
@@ -63,13 +74,13 @@ def param_groups(model: nn.Module, weight_decay: float | None = None,
         group["params"].append(p)
         group["param_names"].append(name)
     result = []
-    for kind in ("matrix", "embedding", "head", "no_decay"):
+    for kind in LABELS:
         if kind not in groups or not groups[kind]["params"]:
             continue
         group = groups[kind]
-        if kind == "no_decay":
+        if decay_keys and kind == NO_DECAY:
             group["weight_decay"] = 0.0
-        elif weight_decay is not None:
+        elif decay_keys and weight_decay is not None:
             group["weight_decay"] = weight_decay
         group.update((overrides or {}).get(kind, {}))
         result.append(group)
@@ -95,5 +106,6 @@ def as_params(model_or_params: Any, **kwargs: Any) -> Any:
     return model_or_params
 
 
-__all__ = ["classify", "param_groups", "routing_report", "as_params", "DEFAULT_HEAD_PATTERN"]
+__all__ = ["classify", "param_groups", "routing_report", "as_params", "tensor_label", "DEFAULT_HEAD_PATTERN",
+           "MATRIX", "EMBEDDING", "HEAD", "NO_DECAY", "LABELS", "FALLBACK_LABELS"]
 

@@ -1,10 +1,14 @@
-"""Optimizer arms of the benchmark: torch peers plus every registered torchstep optimizer.
+"""The one table of benchmark arms: torch peers plus every registered torchstep optimizer.
+
+Used by the sweep, the step-time benchmark (``torchstep bench speed``) and the width sweep.  Benchmark
+defaults (lr grid centre, fixed hyperparameters, Hessian refresh, peer implementation) live here, not in
+the registry; :data:`BENCH` must name exactly the registry's optimizers (tested).
 
 Matched routing: on tasks with a real model (``Problem.routed``) every arm applies its rule with its
-searched lr to the weight matrices (the partitioner's ``matrix`` group), while embeddings, the output
-head, norms and biases go to AdamW at the task's fixed ``fallback_lr`` **for every arm, AdamW
-included** — so routing cannot explain a difference between arms.  On synthetic problems the arm
-gets every parameter.  Weight decay is 0 for every arm (known-optimum tasks need the unregularised
+searched lr to the partitioner's ``matrix`` group, while embeddings, the output head, norms and biases go
+to AdamW (torchstep's, the same rule as the ``adamw`` arm) at the task's fixed ``FALLBACK_LR`` **for every
+arm, AdamW included** — so routing cannot explain a difference between arms.  On synthetic problems the
+arm gets every parameter.  Weight decay is 0 for every arm (known-optimum tasks need the unregularised
 objective; decay is not tuned in protocol v1).
 """
 from __future__ import annotations
@@ -14,10 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from torch import Tensor
 
 from ..ops import gnb_sampled_loss
-from ..optim import Spectra
-from ..partition import param_groups
+from ..ops.curves import warmup_cosine
+from ..optim import AdamW, Muon, MuonPP, Spectra
+from ..partition import MATRIX, param_groups, tensor_label
 from ..registry import SPECS
 from .tasks import Problem
 
@@ -28,34 +34,71 @@ HESSIAN_PERIOD = 10
 @dataclass(frozen=True)
 class Arm:
     name: str
-    make: Callable[[list[dict[str, Any]], float], torch.optim.Optimizer]
-    default_lr: float
-    matrix_only: bool = False           # rule defined only for 2-D weights (Muon)
-    hessian: str | None = None          # "gnb" | "hutchinson": periodic Sophia refresh
-    kwargs: dict = field(default_factory=dict)
+    build: Callable[..., torch.optim.Optimizer]   # build(groups, lr=…, **kwargs)
+    default_lr: float                               # centre of the lr grid
+    kwargs: dict[str, Any] = field(default_factory=dict)   # fixed benchmark hyperparameters
+    accepts: Callable[[Tensor], bool] | None = None  # tensors the rule takes; the rest go to the shared fallback
+    hessian: str | None = None                       # "gnb" | "hutchinson": periodic Sophia refresh
+    peer: tuple[str, dict[str, Any]] | None = None   # same method in pip pytorch-optimizer (speed benchmark)
+
+    @property
+    def matrix_only(self) -> bool:
+        return self.accepts is not None
+
+    def make(self, groups: Any, lr: float, **overrides: Any) -> torch.optim.Optimizer:
+        return self.build(groups, lr=lr, **{**self.kwargs, **overrides})
 
 
-MATRIX_FAMILIES = ("orthogonalized", "stateless")   # hybrids whose own rule needs ≥ 2-D tensors
+def _is_matrix(p: Tensor) -> bool:
+    return tensor_label(p) == MATRIX
 
 
-def _ours(spec) -> Arm:
-    kwargs = spec.bench_kwargs
-    return Arm(spec.name, lambda groups, lr: spec.cls(groups, lr=lr, **kwargs), spec.bench_lr,
-               matrix_only=spec.family in MATRIX_FAMILIES, hessian=spec.hessian, kwargs=kwargs)
+#: benchmark settings of every registered optimizer: (grid centre, fixed kwargs, Hessian refresh, peer)
+BENCH: dict[str, tuple[float, dict[str, Any], str | None, tuple[str, dict] | None]] = {
+    "adamw": (3e-3, {"weight_decay": 0.0}, None, None),
+    "lion": (3e-4, {}, None, ("Lion", {})),
+    "adamp": (3e-3, {}, None, ("AdamP", {})),
+    "sgdp": (3e-2, {"momentum": 0.9}, None, ("SGDP", {"momentum": 0.9})),
+    "diffgrad": (3e-3, {}, None, ("DiffGrad", {})),
+    "sophiag": (3e-4, {"weight_decay": 0.0}, "gnb", None),
+    "sophiah": (3e-4, {}, "hutchinson", None),
+    "spam": (3e-3, {}, None, ("SPAM", {})),
+    "stablespam": (3e-3, {}, None, ("StableSPAM", {})),
+    # threshold 0: the default 0.5 assumes the paper's gradient scale and freezes most tasks here
+    "classp": (3e-2, {"threshold": 0.0}, None, None),
+    "muon": (3e-3, {"adjust_lr": "match_rms_adamw", "fallback_lr": FALLBACK_LR}, None, None),
+    "normuon": (3e-3, {"fallback_lr": FALLBACK_LR}, None, None),
+    "muonpp": (1e-2, {"fallback_lr": FALLBACK_LR, "weight_decay": 0.0}, None, None),
+    "lanton": (1e-2, {"fallback_lr": FALLBACK_LR}, None, None),
+    "sinkgd": (3e-3, {"fallback_lr": FALLBACK_LR}, None, None),
+    # with the paper's rescale the update has RMS ≈ 1 per entry (as SinkGD's): the same grid centre
+    "swan": (3e-3, {"fallback_lr": FALLBACK_LR}, None, None),
+}
 
 
-# torch peers, then every registered torchstep optimizer (the registry holds their benchmark defaults)
+def _ours(name: str) -> Arm:
+    spec = SPECS[name]
+    lr, kwargs, hessian, peer = BENCH[name]
+    return Arm(name, spec.cls, lr, kwargs, accepts=_is_matrix if spec.hybrid else None, hessian=hessian, peer=peer)
+
+
 ARMS: dict[str, Arm] = {a.name: a for a in [
-    Arm("adamw", lambda g, lr: torch.optim.AdamW(g, lr=lr, weight_decay=0.0), 3e-3),
-    Arm("sgd", lambda g, lr: torch.optim.SGD(g, lr=lr, momentum=0.9), 3e-2, kwargs={"momentum": 0.9}),
-    Arm("torch-muon", lambda g, lr: torch.optim.Muon(g, lr=lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw"), 3e-3,
-        matrix_only=True, kwargs={"adjust_lr_fn": "match_rms_adamw"}),
-    *(_ours(spec) for spec in SPECS.values()),
+    _ours("adamw"),
+    Arm("sgd", torch.optim.SGD, 3e-2, {"momentum": 0.9}),
+    Arm("torch-muon", torch.optim.Muon, 3e-3, {"weight_decay": 0.0, "adjust_lr_fn": "match_rms_adamw"},
+        accepts=lambda p: p.dim() == 2),
+    *(_ours(name) for name in SPECS if name != "adamw"),
     # the SPECTRA wrapper over torch AdamW (c = 5: the paper's 160M recipe; matrices only)
-    Arm("spectra-adamw", lambda g, lr: Spectra(torch.optim.AdamW(g, lr=lr, weight_decay=0.0), c=5.0), 3e-3,
-        kwargs={"c": 5.0}),
+    Arm("spectra-adamw", lambda g, lr, c: Spectra(torch.optim.AdamW(g, lr=lr, weight_decay=0.0), c=c), 3e-3,
+        {"c": 5.0}),
 ]}
 
+#: the width sweep's comparison (docs/width-sweep.md): Muon++ against Muon's two common shape scales
+WIDTH_SWEEP_ARMS: dict[str, Callable[[list], torch.optim.Optimizer]] = {
+    "muonpp (lr 0.02, wd 0.1)": lambda ps: MuonPP(ps, lr=0.02, weight_decay=0.1, ns_dtype="float32"),
+    "muon original (lr 0.02)": lambda ps: Muon(ps, lr=0.02, ns_dtype="float32"),
+    "muon match_rms_adamw (lr 3e-3)": lambda ps: Muon(ps, lr=3e-3, adjust_lr="match_rms_adamw", ns_dtype="float32"),
+}
 
 
 def lr_grid(default_lr: float, points: int = 4, offsets: list[int] | None = None) -> list[float]:
@@ -84,31 +127,22 @@ class ArmOptimizer:
 
     def __init__(self, arm: Arm, problem: Problem, lr: float, total_steps: int, warmup_fraction: float = 0.05):
         self.arm, self.problem = arm, problem
-        if problem.routed:
-            groups = param_groups(problem.model)
-            rule = [g for g in groups if g["name"] == "matrix"]
-            rest = [g for g in groups if g["name"] != "matrix"]
-        else:
-            rule = [{"params": [p for p in problem.model.parameters()], "name": "all"}]
-            rest = []
-        if arm.matrix_only:   # 2-D only (conv weights would be reshaped; none in our tasks)
-            rest += [{"params": [p for g in rule for p in g["params"] if p.dim() != 2], "name": "non-2d"}]
-            rule = [{**g, "params": [p for p in g["params"] if p.dim() == 2]} for g in rule]
-        strip = lambda gs: [{"params": g["params"]} for g in gs if g["params"]]  # noqa: E731
-        self.rule = arm.make(strip(rule), lr)
+        params = param_groups(problem.model) if problem.routed else [{"params": list(problem.model.parameters())}]
+        rule = [p for g in params if not problem.routed or g["name"] == MATRIX for p in g["params"]]
+        rest = [p for g in params if problem.routed and g["name"] != MATRIX for p in g["params"]]
+        if arm.accepts is not None:      # tensors the rule cannot take join the shared fallback
+            rest += [p for p in rule if not arm.accepts(p)]
+            rule = [p for p in rule if arm.accepts(p)]
+        self.rule = arm.make([{"params": rule}], lr)
         if arm.hessian == "gnb":
             for g in self.rule.param_groups:
                 g["bs"] = problem.tokens
         self.optimizers = [self.rule]
-        if any(g["params"] for g in rest):
-            self.optimizers.append(torch.optim.AdamW(strip(rest), lr=FALLBACK_LR, weight_decay=0.0))
+        if rest:
+            self.optimizers.append(AdamW([{"params": rest}], lr=FALLBACK_LR, weight_decay=0.0))
         warmup = max(1, int(warmup_fraction * total_steps))
-
-        def factor(step: int) -> float:   # warm-up, then cosine to 0 at this run's own budget
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
-        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in self.optimizers]
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: warmup_cosine(step, total_steps, warmup))
+                           for o in self.optimizers]
 
     def zero_grad(self) -> None:
         for o in self.optimizers:

@@ -17,6 +17,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .shapes import as_matrix, from_wide, to_wide  # noqa: F401  (as_matrix re-exported for old imports)
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -28,8 +30,9 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # Keller Jordan's quintic (KellerJordan/Muon, torch.optim.Muon): fast, σ' ∈ ~[0.7, 1.2]
     "quintic": Preset(((3.4445, -4.7750, 2.0315),)),
+    # You / Cesista's 5 tuned steps; normalised by ‖X‖_F (+1e-7 so that a zero matrix maps to zero, not NaN)
     "you_cesista": Preset(((4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
-                           (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012)), offset=0.0),
+                           (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012))),
     # Polar Express, 5 steps (arXiv 2505.16932; modded-nanogpt / dion default)
     "polar_express5": Preset(((8.156554524902461, -22.48329292557795, 15.878769915207462),
                               (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -37,8 +40,9 @@ PRESETS: dict[str, Preset] = {
                               (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
                               (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)),
                              scale=1.02, offset=1e-6),
-    # the classical cubic iteration: converges to U·Vᵀ exactly, slowly
-    "convergent": Preset(((1.5, -0.5, 0.0),), offset=0.0),
+    # the modded-nanogpt track-3 baseline (reference card §14): p(x) = 2x − 1.5x³ + 0.5x⁵ has p(1) = 1 and
+    # p'(1) = 0, so σ → 1 (U·Vᵀ in the limit); 12 steps in that recipe.  +1e-7: a zero matrix maps to zero.
+    "convergent": Preset(((2.0, -1.5, 0.5),)),
 }
 
 
@@ -57,11 +61,6 @@ def resolve_preset(preset: str | Preset | Sequence[Sequence[float]]) -> Preset:
     return Preset(coefficients)
 
 
-def as_matrix(t: Tensor) -> Tensor:
-    """Conv weights (out, in, kh, kw…) as (out, in·kh·kw); 2-D and batched 3-D inputs unchanged."""
-    return t.reshape(t.shape[0], -1) if t.dim() > 2 and t.dim() != 3 else t
-
-
 def newton_schulz(G: Tensor, steps: int = 5, preset: str | Preset | Sequence = "quintic",
                   compute_dtype: torch.dtype | None = torch.bfloat16) -> Tensor:
     """Approximate orthogonalisation of ``G`` (…, m, n), batched over leading dimensions.
@@ -73,9 +72,7 @@ def newton_schulz(G: Tensor, steps: int = 5, preset: str | Preset | Sequence = "
     p = resolve_preset(preset)
     X = G.to(compute_dtype) if compute_dtype is not None else G
     shape = X.shape
-    tall = shape[-2] > shape[-1]
-    if tall:
-        X = X.mT
+    X, tall = to_wide(X)
     batched = X.dim() > 2
     if batched:
         X = X.reshape(-1, *X.shape[-2:])
@@ -90,9 +87,7 @@ def newton_schulz(G: Tensor, steps: int = 5, preset: str | Preset | Sequence = "
         X = madd(X, madd(A, A, A, beta=b, alpha=c), X, beta=a)
     if batched:
         X = X.reshape(*shape[:-2], *X.shape[-2:])
-    if tall:
-        X = X.mT
-    return X.to(G.dtype)
+    return from_wide(X, tall).to(G.dtype)
 
 
 def newton_schulz_many(matrices: Sequence[Tensor], **kwargs) -> list[Tensor]:

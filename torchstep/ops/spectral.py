@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .shapes import from_wide, to_wide
+
 
 def inverse_sqrt(A: Tensor, steps: int = 10) -> Tensor:
     """``A^{-1/2}`` of symmetric positive-definite ``A`` (…, m, m) by the coupled Newton–Schulz iteration.
@@ -25,26 +27,21 @@ def inverse_sqrt(A: Tensor, steps: int = 10) -> Tensor:
 
 def whiten(Z: Tensor, steps: int = 10) -> Tensor:
     """``(Z Zᵀ)^{-1/2} Z`` (= U·Vᵀ of the SVD of ``Z``), computed in fp32 on the wide orientation."""
-    X = Z.float()
-    tall = X.shape[-2] > X.shape[-1]
-    if tall:
-        X = X.mT
-    out = inverse_sqrt(X @ X.mT, steps) @ X
-    return (out.mT if tall else out).to(Z.dtype)
+    X, tall = to_wide(Z.float())
+    return from_wide(inverse_sqrt(X @ X.mT, steps) @ X, tall).to(Z.dtype)
 
 
 def soft_spectral_clip(U: Tensor, c: float, steps: int = 10, dtype: torch.dtype = torch.float32) -> Tensor:
     """σ ↦ σ/√(1 + σ²/c²) on every singular value: ``(I + U Uᵀ/c²)^{-1/2} U`` (SPECTRA, arXiv 2603.14315).
 
-    The output's singular values stay below ``c``; σ ≪ c is left almost unchanged.  1-D tensors are
-    rescaled by ``1/√(1 + (‖U‖/c)²)``.
+    The output's singular values stay below ``c``; σ ≪ c is left almost unchanged.  0-/1-D tensors follow
+    the official code (mlolab/llm-spectral-clipping ``post_process.py``): unchanged when ``‖U‖ ≤ c``,
+    else rescaled by ``1/√(1 + (‖U‖/c)²)`` (discontinuous at ‖U‖ = c, where the norm drops from c to c/√2;
+    the paper's vector map could not be read here).
     """
     if U.dim() < 2:
-        return U / (1 + (torch.linalg.vector_norm(U) / c) ** 2).sqrt()
-    X = U.to(dtype)
-    tall = X.shape[-2] > X.shape[-1]
-    if tall:
-        X = X.mT
+        norm = torch.linalg.vector_norm(U)
+        return torch.where(norm <= c, U, U / (1 + (norm / c) ** 2).sqrt())
+    X, tall = to_wide(U.to(dtype))
     eye = torch.eye(X.shape[-2], dtype=X.dtype, device=X.device)
-    out = inverse_sqrt(eye + X @ X.mT / c ** 2, steps) @ X
-    return (out.mT if tall else out).to(U.dtype)
+    return from_wide(inverse_sqrt(eye + X @ X.mT / c ** 2, steps) @ X, tall).to(U.dtype)

@@ -1,14 +1,23 @@
-"""torchstep optimizers: every class is a real ``torch.optim.Optimizer``."""
-from ._base import TorchstepOptimizer
+"""torchstep optimizers: every class is a real ``torch.optim.Optimizer`` built from update rules."""
+from ._base import ElementwiseRule, Rule, TorchstepOptimizer
 from .adamp import AdamP, SGDP
+from .adamw import AdamW
 from .classp import CLASSP
 from .diffgrad import DiffGrad
+from .hybrid import MatrixHybrid
+from .lanton import Lanton
 from .lion import Lion
-from .muon import SWAN, Muon, NorMuon, SinkGD
-from .muon_variants import Lanton, MuonPP
+from .matrix import MatrixRule
+from .muon import Muon
+from .muonpp import MuonPP
+from .normuon import NorMuon
+from .sinkgd import SinkGD
 from .sophia import SophiaG, SophiaH
 from .spam import SPAM, StableSPAM
 from .spectra import Spectra
+from .swan import SWAN
+from .wrapper import OptimizerWrapper
 
-__all__ = ["TorchstepOptimizer", "Lion", "AdamP", "SGDP", "DiffGrad", "SophiaG", "SophiaH",
-           "SPAM", "StableSPAM", "CLASSP", "Muon", "NorMuon", "MuonPP", "Lanton", "SinkGD", "SWAN", "Spectra"]
+__all__ = ["TorchstepOptimizer", "Rule", "ElementwiseRule", "MatrixRule", "MatrixHybrid", "OptimizerWrapper",
+           "AdamW", "Lion", "AdamP", "SGDP", "DiffGrad", "SophiaG", "SophiaH", "SPAM", "StableSPAM", "CLASSP", "Muon",
+           "NorMuon", "MuonPP", "Lanton", "SinkGD", "SWAN", "Spectra"]

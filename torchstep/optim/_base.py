@@ -1,18 +1,19 @@
-"""Shared machinery for every torchstep optimizer.
+"""Shared machinery for every torchstep optimizer: rules, and the optimizer that runs them.
 
-Subclasses implement two hooks, written once per algorithm:
+An update rule (:class:`Rule`) is the algorithm, written once as plain functions of tensors:
 
-* ``_init_state(p, state, group)`` – allocate lazy state (``zeros_like(p)`` gives the
-  right state dtype automatically, see the low-precision policy below);
-* ``_update(p, grad, state, group)`` – update one parameter in place.  ``grad`` is never
-  ``p.grad`` itself when it must be modified: implementations treat it as read-only.
+* ``validate(group)`` – its own hyperparameters (``ValueError`` naming the argument and its range);
+* ``init_state(p, state, group)`` – lazy state (``zeros_like(p)`` gives the right state dtype, see the
+  low-precision policy below);
+* ``update(params, grads, states, group)`` – update a *list* of parameters in place (so batched work such
+  as Newton–Schulz stays batched).  :class:`ElementwiseRule` builds it from a per-tensor function.
+  ``state["step"]`` has already been advanced (it is the 1-based step of this update); ``grads`` are
+  read-only (never ``p.grad`` modified in place).
 
-Methods that work across a group's tensors (batched Newton–Schulz) override ``_step_group(group,
-params)`` instead and use ``_working``/``_write_back`` to get the same dtype/``maximize``/state handling.
-
-The base class owns what must be identical everywhere: closure handling, the non-finite
-gradient policy, ``maximize``, the bf16/fp16 state policy, hyperparameter validation
-with ``ValueError`` naming the argument, and a ``load_state_dict`` that keeps fp32 state.
+:class:`TorchstepOptimizer` routes every group to a rule (:meth:`TorchstepOptimizer.rule_for`; one rule for
+most optimizers, several for hybrids) and owns what must be identical everywhere: closure handling, the
+non-finite gradient policy, ``maximize``, the bf16/fp16 state policy, common hyperparameter validation,
+the step counter, and a ``load_state_dict`` that keeps fp32 state.
 
 Low-precision policy: parameters in bf16/fp16 get **fp32 state**; the update is computed
 on an fp32 copy of the parameter and rounded back once per step.
@@ -77,54 +78,93 @@ def scalar(x: float | Tensor) -> float:
     return x.item() if isinstance(x, Tensor) else float(x)
 
 
+class Rule:
+    """An update rule: hyperparameter validation, lazy state and the update of a list of tensors.
+
+    Subclass it (or use :class:`ElementwiseRule`) and give an optimizer class ``rule = YourRule()``; a
+    hybrid optimizer maps group ``algo`` names to rules instead.  Rules hold no per-run data: everything
+    lives in the group (hyperparameters) and the per-parameter ``state``."""
+
+    name: str
+
+    def validate(self, group: dict[str, Any]) -> None:
+        pass
+
+    def init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        pass
+
+    def update(self, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
+               group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class ElementwiseRule(Rule):
+    """A rule given by three plain functions: ``update_one(p, grad, state, group)`` per tensor,
+    ``init(p, state, group)`` and ``check(group)``."""
+
+    def __init__(self, name: str, update_one: Callable, init: Callable | None = None,
+                 check: Callable | None = None) -> None:
+        self.name, self.update_one = name, update_one
+        self._init, self._check = init, check
+
+    def validate(self, group):
+        if self._check is not None:
+            self._check(group)
+
+    def init_state(self, p, state, group):
+        if self._init is not None:
+            self._init(p, state, group)
+
+    def update(self, params, grads, states, group):
+        for p, grad, state in zip(params, grads, states):
+            self.update_one(p, grad, state, group)
+
+
+def zeros_state(*keys: str) -> Callable:
+    """An ``init_state`` that allocates one ``zeros_like(p)`` buffer per key."""
+    def init(p, state, group):
+        for key in keys:
+            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return init
+
+
+def step_of(state: dict[str, Any]) -> int:
+    """The 1-based step of the update being computed (a CPU tensor: reading it is no device sync)."""
+    return int(state["step"])
+
+
 class TorchstepOptimizer(torch.optim.Optimizer):
-    """Base class: see the module docstring for the policies every subclass inherits."""
+    """Runs rules: see the module docstring for the policies every optimizer inherits.
+
+    Single-rule optimizers set the class attribute ``rule``; hybrids override :meth:`rule_for`."""
+
+    rule: Rule | None = None
+    _BOOKKEEPING = {"params", "param_names", "name", "initial_lr"}   # partitioner / scheduler keys
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         defaults.setdefault("maximize", False)
         defaults.setdefault("nonfinite", "skip")
         super().__init__(params, defaults)
 
+    def rule_for(self, group: dict[str, Any]) -> Rule:
+        """The rule that updates ``group``."""
+        return self.rule
+
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        # Bookkeeping keys from the partitioner and schedulers are allowed; typos are not.
-        unknown = set(group) - set(self.defaults) - {"params", "param_names", "name", "initial_lr"}
+        unknown = set(group) - set(self.defaults) - self._BOOKKEEPING   # typos are rejected
         if unknown:
             raise ValueError(f"Unknown hyperparameter(s) {sorted(unknown)} for {type(self).__name__}; "
                              f"valid: {sorted(self.defaults)}")
         self._validate(group)
 
     def _validate(self, group: dict[str, Any]) -> None:
-        if "lr" in group:
-            check_range("lr", group["lr"], 0.0)
-        if "betas" in group:
-            check_betas(group["betas"], len(group["betas"]) if isinstance(group["betas"], (tuple, list)) else 2)
-        if "eps" in group:
-            check_range("eps", group["eps"], 0.0, lo_open=True)
-        if "weight_decay" in group:
-            check_range("weight_decay", group["weight_decay"], 0.0)
-        if "momentum" in group:
-            check_range("momentum", group["momentum"], 0.0, 1.0, hi_open=True)
-        check_choice("nonfinite", group["nonfinite"], NONFINITE_POLICIES)
-        if not isinstance(group["maximize"], bool):
-            raise invalid("maximize", group["maximize"], "True or False")
-
-    # ------------------------------------------------------------------ hooks
-    def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        raise NotImplementedError
-
-    def _update(self, p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        raise NotImplementedError
+        validate_common(group)
+        self.rule_for(group).validate(group)
 
     # ------------------------------------------------------------------ step
-    @staticmethod
-    def _advance(state: dict[str, Any]) -> int:
-        """Increment the per-parameter CPU step tensor and return it as an int."""
-        state["step"] += 1
-        return int(state["step"].item())
-
     @staticmethod
     def _finite_flags(grads: list[Tensor]) -> list[bool]:
         """One flag per gradient, from its sum: inf/NaN always propagate into a sum, and a
@@ -137,57 +177,61 @@ class TorchstepOptimizer(torch.optim.Optimizer):
         device = sums[0].device
         return torch.stack([s.to(device=device, dtype=torch.float64) for s in sums]).isfinite().tolist()
 
+    def _finite_only(self, items: list[tuple[dict[str, Any], Tensor, Tensor]], what: str
+                     ) -> list[tuple[dict[str, Any], Tensor, Tensor]]:
+        """``(group, param, tensor)`` triples whose tensor is finite, per each group's ``nonfinite`` policy
+        (``raise`` raises before anything is modified).  Shared by :meth:`step` and Hessian refreshes."""
+        checked = [i for i, (g, _, _) in enumerate(items) if g["nonfinite"] != "ignore"]
+        flags = dict(zip(checked, self._finite_flags([items[i][2] for i in checked])))
+        for i, (group, p, _) in enumerate(items):
+            if not flags.get(i, True) and group["nonfinite"] == "raise":
+                gi = next(k for k, g in enumerate(self.param_groups) if g is group)
+                pi = next(k for k, q in enumerate(group["params"]) if q is p)
+                names = group.get("param_names")
+                where = names[pi] if names else f"#{pi}"
+                raise FloatingPointError(f"non-finite {what} in parameter {where} of group {gi}")
+        return [item for i, item in enumerate(items) if flags.get(i, True)]
+
     def _params_to_update(self) -> list[tuple[dict[str, Any], Tensor]]:
-        todo, checked = [], []
+        todo = []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                todo.append((group, p))
-                if group["nonfinite"] != "ignore":
-                    checked.append(len(todo) - 1)
-        flags = self._finite_flags([todo[i][1].grad for i in checked])
-        bad = {i for i, ok in zip(checked, flags) if not ok}
-        for i in bad:
-            group, p = todo[i]
-            if group["nonfinite"] == "raise":
-                gi = next(i for i, g in enumerate(self.param_groups) if g is group)
-                pi = next(i for i, q in enumerate(group["params"]) if q is p)
-                names = group.get("param_names")
-                where = names[pi] if names else f"#{pi}"
-                raise FloatingPointError(f"non-finite gradient in parameter {where} of group {gi}")
-        return [todo[i] for i in range(len(todo)) if i not in bad]
+                todo.append((group, p, p.grad))
+        return [(g, p) for g, p, _ in self._finite_only(todo, "gradient")]
+
+    def state_for(self, p: Tensor, group: dict[str, Any], work: Tensor | None = None) -> dict[str, Any]:
+        """``p``'s state, initialised lazily by the group's rule (fp32 for bf16/fp16 parameters)."""
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            if work is None:
+                work = p.float() if p.dtype in _LOW_PRECISION else p
+            self.rule_for(group).init_state(work, state, group)
+        return state
 
     def _working(self, p: Tensor, group: dict[str, Any]) -> tuple[Tensor, Tensor, dict[str, Any]]:
         """(working parameter, gradient, state): fp32 copies for bf16/fp16, ``maximize`` applied,
-        lazy state initialised.  Write the working parameter back with :meth:`_write_back`."""
+        lazy state initialised."""
         grad = -p.grad if group["maximize"] else p.grad
         low = p.dtype in _LOW_PRECISION
         work = p.float() if low else p
         if low:
             grad = grad.float()
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            self._init_state(work, state, group)
-        return work, grad, state
-
-    @staticmethod
-    def _write_back(p: Tensor, work: Tensor) -> None:
-        if work is not p:
-            p.copy_(work)
-
-    def _step_param(self, p: Tensor, group: dict[str, Any]) -> None:
-        work, grad, state = self._working(p, group)
-        self._update(work, grad, state, group)
-        self._write_back(p, work)
+        return work, grad, self.state_for(p, group, work)
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        """Update a group's parameters that have finite gradients (override to batch across them)."""
-        for p in params:
-            self._step_param(p, group)
+        items = [self._working(p, group) for p in params]
+        for _, _, state in items:
+            state["step"] += 1
+        works = [w for w, _, _ in items]
+        self.rule_for(group).update(works, [g for _, g, _ in items], [s for _, _, s in items], group)
+        for p, work in zip(params, works):
+            if work is not p:
+                p.copy_(work)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -225,6 +269,23 @@ class TorchstepOptimizer(torch.optim.Optimizer):
             for key, value in saved.items():
                 if key != "step" and torch.is_tensor(value) and value.is_floating_point():
                     self.state[p][key] = value.to(device=p.device, copy=True)
+
+
+def validate_common(group: dict[str, Any]) -> None:
+    """The hyperparameters every rule shares, when present in the group."""
+    if "lr" in group:
+        check_range("lr", group["lr"], 0.0)
+    if "betas" in group:
+        check_betas(group["betas"], len(group["betas"]) if isinstance(group["betas"], (tuple, list)) else 2)
+    if "eps" in group:
+        check_range("eps", group["eps"], 0.0, lo_open=True)
+    if "weight_decay" in group:
+        check_range("weight_decay", group["weight_decay"], 0.0)
+    if "momentum" in group:
+        check_range("momentum", group["momentum"], 0.0, 1.0, hi_open=True)
+    check_choice("nonfinite", group["nonfinite"], NONFINITE_POLICIES)
+    if not isinstance(group["maximize"], bool):
+        raise invalid("maximize", group["maximize"], "True or False")
 
 
 def evaluate_closure(closure: Callable[[], Any] | None) -> Any:

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import required
 
-from ._base import TorchstepOptimizer, check_choice, check_range, scalar
+from ..ops.moments import adam_denominator, bias_corrections, update_moments_
+from ._base import ElementwiseRule, TorchstepOptimizer, check_choice, check_range, scalar, step_of, zeros_state
 
 
 def project_radial(p: Tensor, grad: Tensor, update: Tensor, delta: float, wd_ratio: float,
@@ -62,14 +63,51 @@ def project_radial(p: Tensor, grad: Tensor, update: Tensor, delta: float, wd_rat
     return update, ratio.where(fired_before, 1.0)
 
 
-class _ProjectionMixin:
-    def _validate(self, group):
-        super()._validate(group)
-        check_range("delta", group["delta"], 0.0)
-        check_range("wd_ratio", group["wd_ratio"], 0.0, 1.0)
+def check_projection(group) -> None:
+    check_range("delta", group["delta"], 0.0)
+    check_range("wd_ratio", group["wd_ratio"], 0.0, 1.0)
 
 
-class AdamP(_ProjectionMixin, TorchstepOptimizer):
+def adamp_update(p, grad, state, group) -> None:
+    t, lr, eps = step_of(state), scalar(group["lr"]), group["eps"]
+    beta1, beta2 = group["betas"]
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    update_moments_(exp_avg, exp_avg_sq, grad, beta1, beta2)
+    denom = adam_denominator(exp_avg_sq, t, beta2, eps)
+    if group["nesterov"]:
+        update = (beta1 * exp_avg + (1 - beta1) * grad).div_(denom)
+    else:
+        update = torch.div(exp_avg, denom, out=denom)   # reuse the temporary
+    update, ratio = project_radial(p, grad, update, group["delta"], group["wd_ratio"], eps)
+    if group["weight_decay"] > 0:
+        p.mul_(1 - lr * group["weight_decay"] * ratio)
+    p.add_(update, alpha=-lr / bias_corrections(t, beta1, beta2)[0])
+
+
+def sgdp_update(p, grad, state, group) -> None:
+    lr, mu = scalar(group["lr"]), group["momentum"]
+    buf = state["momentum_buffer"]
+    buf.mul_(mu).add_(grad, alpha=1 - group["dampening"])
+    update = grad + mu * buf if group["nesterov"] else buf
+    update, ratio = project_radial(p, grad, update, group["delta"], group["wd_ratio"], group["eps"])
+    if group["compat"] == "official" and not group["nesterov"] and update is not buf:
+        buf.copy_(update)
+    if group["weight_decay"] > 0:
+        p.mul_(1 - lr * group["weight_decay"] * ratio / (1 - mu))
+    p.add_(update, alpha=-lr)
+
+
+def _check_sgdp(group) -> None:
+    check_projection(group)
+    check_range("dampening", group["dampening"], 0.0, 1.0)
+    check_choice("compat", group["compat"], ("paper", "official"))
+
+
+ADAMP = ElementwiseRule("adamp", adamp_update, init=zeros_state("exp_avg", "exp_avg_sq"), check=check_projection)
+SGDP_RULE = ElementwiseRule("sgdp", sgdp_update, init=zeros_state("momentum_buffer"), check=_check_sgdp)
+
+
+class AdamP(TorchstepOptimizer):
     r"""AdamP: Adam whose update to scale-invariant weights has its radial part removed.
 
     .. math::
@@ -80,15 +118,26 @@ class AdamP(_ProjectionMixin, TorchstepOptimizer):
 
     ``Π`` removes ``θ̂_i⟨θ̂_i, u_i⟩`` per output channel (or for the whole tensor) when
     ``max_i |cos(g_i, θ_i)| < δ/√dim``; only tensors with ``ndim > 1`` are projected.
-    Defaults: ``lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, delta=0.1,
-    wd_ratio=0.1, nesterov=False`` (paper / official).  ε is added after the bias-corrected
-    square root (torch flavour).
+    Args:
+        params: parameters or groups.
+        lr: η (default 1e-3).
+        betas: (β1, β2) (default (0.9, 0.999)).
+        eps: ε after the bias-corrected square root (torch flavour) and in the cosines (default 1e-8).
+        weight_decay: decoupled λ, times ``wd_ratio`` where the projection fires (default 0).
+        delta: δ of the projection trigger (default 0.1).
+        wd_ratio: decay multiplier for projected tensors (default 0.1).
+        nesterov: Nesterov momentum in the update (default False).
+        maximize, nonfinite: the policies of every torchstep optimizer.
+
+    Defaults are the paper's / official code's.
 
     Paper: Heo et al., "AdamP: Slowing Down the Slowdown for Momentum Optimizers on
     Scale-invariant Weights", ICLR 2021, arXiv 2006.08217.  Official code: clovaai/AdamP
     (pip ``adamp`` 0.3.0) — parity tested.  Deviation: the projection trigger is evaluated
     without a host sync (``torch.where``), numerically identical.  Memory: 2 buffers.
     """
+
+    rule = ADAMP
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, delta: float = 0.1,
@@ -98,29 +147,8 @@ class AdamP(_ProjectionMixin, TorchstepOptimizer):
                                       delta=delta, wd_ratio=wd_ratio, nesterov=nesterov,
                                       maximize=maximize, nonfinite=nonfinite))
 
-    def _init_state(self, p, state, group):
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _update(self, p, grad, state, group):
-        t = self._advance(state)
-        lr, eps = scalar(group["lr"]), group["eps"]
-        beta1, beta2 = group["betas"]
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2 ** t)).add_(eps)
-        if group["nesterov"]:
-            update = (beta1 * exp_avg + (1 - beta1) * grad).div_(denom)
-        else:
-            update = torch.div(exp_avg, denom, out=denom)   # reuse the temporary
-        update, ratio = project_radial(p, grad, update, group["delta"], group["wd_ratio"], eps)
-        if group["weight_decay"] > 0:
-            p.mul_(1 - lr * group["weight_decay"] * ratio)
-        p.add_(update, alpha=-lr / (1 - beta1 ** t))
-
-
-class SGDP(_ProjectionMixin, TorchstepOptimizer):
+class SGDP(TorchstepOptimizer):
     r"""SGDP: SGD with momentum whose update to scale-invariant weights is projected.
 
     .. math::
@@ -129,8 +157,18 @@ class SGDP(_ProjectionMixin, TorchstepOptimizer):
         u &\leftarrow \Pi(u),\quad r = \text{wd\_ratio if projected else } 1 \\
         \theta &\leftarrow \theta\,(1 - \eta\lambda r/(1-\mu)) - \eta u
 
-    ``Π`` as in :class:`AdamP`.  Defaults: ``lr`` required (as torch SGD), ``momentum=0,
-    dampening=0, weight_decay=0, nesterov=False, eps=1e-8, delta=0.1, wd_ratio=0.1``.
+    ``Π`` as in :class:`AdamP`.
+
+    Args:
+        params: parameters or groups.
+        lr: η, required (as torch SGD).
+        momentum: μ (default 0).
+        dampening: (default 0).
+        weight_decay: decoupled λ, scaled by 1/(1−μ) and ``wd_ratio`` where projected (default 0).
+        nesterov: (default False).
+        eps, delta, wd_ratio: as :class:`AdamP` (defaults 1e-8, 0.1, 0.1).
+        compat: ``"paper"`` (default) or ``"official"`` (below).
+        maximize, nonfinite: the policies of every torchstep optimizer.
     Paper: arXiv 2006.08217; official code clovaai/AdamP (pip ``adamp``) — parity tested.
 
     Deviation (``compat``): without Nesterov the official code projects ``u = b`` **in place**,
@@ -138,6 +176,8 @@ class SGDP(_ProjectionMixin, TorchstepOptimizer):
     paper's algorithm keeps ``b`` unprojected — our default ``compat="paper"``;
     ``compat="official"`` reproduces the package bit for bit.  Memory: 1 buffer.
     """
+
+    rule = SGDP_RULE
 
     def __init__(self, params: Any, lr: float = required, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
@@ -149,24 +189,3 @@ class SGDP(_ProjectionMixin, TorchstepOptimizer):
                                       weight_decay=weight_decay, nesterov=nesterov, eps=eps,
                                       delta=delta, wd_ratio=wd_ratio, compat=compat, maximize=maximize,
                                       nonfinite=nonfinite))
-
-    def _validate(self, group):
-        super()._validate(group)
-        check_range("dampening", group["dampening"], 0.0, 1.0)
-        check_choice("compat", group["compat"], ("paper", "official"))
-
-    def _init_state(self, p, state, group):
-        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-    def _update(self, p, grad, state, group):
-        self._advance(state)
-        lr, mu = scalar(group["lr"]), group["momentum"]
-        buf = state["momentum_buffer"]
-        buf.mul_(mu).add_(grad, alpha=1 - group["dampening"])
-        update = grad + mu * buf if group["nesterov"] else buf
-        update, ratio = project_radial(p, grad, update, group["delta"], group["wd_ratio"], group["eps"])
-        if group["compat"] == "official" and not group["nesterov"] and update is not buf:
-            buf.copy_(update)
-        if group["weight_decay"] > 0:
-            p.mul_(1 - lr * group["weight_decay"] * ratio / (1 - mu))
-        p.add_(update, alpha=-lr)

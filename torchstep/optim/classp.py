@@ -5,7 +5,32 @@ from typing import Any
 
 import torch
 
-from ._base import TorchstepOptimizer, check_choice, check_range, scalar
+from ._base import ElementwiseRule, TorchstepOptimizer, check_choice, check_range, scalar, zeros_state
+
+
+def classp_update(p, grad, state, group) -> None:
+    lr, power, eps = scalar(group["lr"]), group["power"], group["eps"]
+    grad_sum = state["grad_sum"]
+    if group["compat"] == "official":
+        # `(g**2).any() > threshold` compares a bool with the threshold: True > τ iff τ < 1.
+        if group["threshold"] >= 1:
+            return
+        grad_sum.add_(grad.abs())
+        p.add_(grad / (grad_sum + eps).pow_(1.0 / power), alpha=-lr)
+        return
+    grad_sum.add_(grad.abs().pow_(power) if power != 1 else grad.abs())   # every coordinate is charged
+    # where(), not a 0/1 product: (ε + S)^(1/p) underflows to 0 for small p, and inf·0 would be NaN
+    step = torch.where(grad.square() > group["threshold"], grad / (grad_sum + eps).pow_(1.0 / power), 0.0)
+    p.add_(step, alpha=-lr)
+
+
+def _check(group):
+    check_range("threshold", group["threshold"], 0.0)
+    check_range("power", group["power"], 0.0, lo_open=True)
+    check_choice("compat", group["compat"], ("paper", "official"))
+
+
+CLASSP_RULE = ElementwiseRule("classp", classp_update, init=zeros_state("grad_sum"), check=_check)
 
 
 class CLASSP(TorchstepOptimizer):
@@ -15,24 +40,32 @@ class CLASSP(TorchstepOptimizer):
 
     .. math::
         a_i &= \mathbb{1}[g_i^2 > \tau] \\
-        S_i &\leftarrow S_i + a_i\,|g_i|^p \\
+        S_i &\leftarrow S_i + |g_i|^p \quad(\text{every coordinate, every step: the paper's sum over all past gradients}) \\
         \theta_i &\leftarrow \theta_i - a_i\,\frac{\eta\, g_i}{(\epsilon + S_i)^{1/p}}
 
     * adjustment suppression: weights that were adjusted often (large accumulated ``S``) get
       smaller steps; with ``p = 2, τ = 0`` this is AdaGrad (ε inside the root);
-    * sparsity promotion: a coordinate whose squared gradient does not exceed ``τ`` is
-      neither moved nor charged — its capacity stays free for later tasks.
+    * sparsity promotion: a coordinate whose squared gradient does not exceed ``τ`` is not moved.
 
-    Defaults: ``lr=0.2, threshold=0.5, eps=1e-5, power=1`` (official repository's defaults).
+    Args:
+        params: parameters or groups.
+        lr: η (default 0.2, official repository).
+        threshold: τ on g² (default 0.5).
+        eps: ε inside the root (default 1e-5).
+        power: p (default 1); any p > 0 — unadjusted coordinates are exactly 0 even where
+            ε^(−1/p) overflows (p ≲ 0.13 in fp32).
+        compat: ``"paper"`` (default) or ``"official"`` (below).
+        maximize, nonfinite: the policies of every torchstep optimizer.
 
     Paper: O. Ludwig, "CLASSP: a Biologically-Inspired Approach to Continual Learning through
     Adjustment Suppression and Sparsity Promotion", arXiv 2405.09637.
     Choices and deviations (``compat``):
 
-    * ``compat="paper"`` (default) implements the equation above.  The paper prints the sum
-      over k = 0…t−1; we include the current gradient as AdaGrad (which the paper says it
-      generalises) and the official code do — otherwise the first step divides by ε^{1/p}.
-      Only adjusted coordinates are charged ("accumulated adjustments").
+    * ``compat="paper"`` (default) implements the equation above: the paper's accumulator is the sum
+      of |g_k|^p over *all* past gradients of the coordinate (arXiv 2405.09637, as transcribed), whether
+      or not the coordinate was adjusted at step k.  Deviation (our choice): the paper prints the sum over
+      k = 0…t−1; we include the current gradient, as AdaGrad (which the paper says it generalises) and the
+      official code do — otherwise the first step divides by ε^{1/p}.
     * ``compat="official"`` reproduces oswaldoludwig/CLASSP ``CLASSP.py``: the threshold test
       ``(grad ** 2).any() > threshold`` is a per-tensor boolean, so every coordinate of a tensor
       with any non-zero gradient is updated (and nothing is ever updated when ``threshold >= 1``); the accumulator adds ``|g|`` (the ``** power`` is
@@ -41,34 +74,10 @@ class CLASSP(TorchstepOptimizer):
     of its equations.  Memory: 1 buffer (``grad_sum``).
     """
 
+    rule = CLASSP_RULE
+
     def __init__(self, params: Any, lr: float = 0.2, threshold: float = 0.5, eps: float = 1e-5,
                  power: float = 1.0, compat: str = "paper", *, maximize: bool = False,
                  nonfinite: str = "skip") -> None:
         super().__init__(params, dict(lr=lr, threshold=threshold, eps=eps, power=power,
                                       compat=compat, maximize=maximize, nonfinite=nonfinite))
-
-    def _validate(self, group):
-        super()._validate(group)
-        check_range("threshold", group["threshold"], 0.0)
-        check_range("power", group["power"], 0.0, lo_open=True)
-        check_choice("compat", group["compat"], ("paper", "official"))
-
-    def _init_state(self, p, state, group):
-        state["grad_sum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-    def _update(self, p, grad, state, group):
-        self._advance(state)
-        lr, power, eps = scalar(group["lr"]), group["power"], group["eps"]
-        grad_sum = state["grad_sum"]
-        if group["compat"] == "official":
-            # `(g**2).any() > threshold` compares a bool with the threshold: True > τ iff τ < 1.
-            if group["threshold"] >= 1:
-                return
-            grad_sum.add_(grad.abs())
-            p.add_(grad / (grad_sum + eps).pow_(1.0 / power), alpha=-lr)
-            return
-        adjusted = grad.square() > group["threshold"]
-        charge = grad.abs().pow_(power) if power != 1 else grad.abs()
-        grad_sum.add_(charge.mul_(adjusted))
-        step = (grad_sum + eps).pow_(1.0 / power).reciprocal_().mul_(grad).mul_(adjusted)
-        p.add_(step, alpha=-lr)

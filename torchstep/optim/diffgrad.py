@@ -6,7 +6,25 @@ from typing import Any
 
 import torch
 
-from ._base import TorchstepOptimizer, scalar
+from ..ops.moments import bias_corrections, update_moments_
+from ._base import ElementwiseRule, TorchstepOptimizer, scalar, step_of, zeros_state
+
+
+def diffgrad_update(p, grad, state, group) -> None:
+    t, lr = step_of(state), scalar(group["lr"])
+    beta1, beta2 = group["betas"]
+    if group["weight_decay"] != 0:
+        grad = grad.add(p, alpha=group["weight_decay"])
+    exp_avg, exp_avg_sq, previous = state["exp_avg"], state["exp_avg_sq"], state["previous_grad"]
+    update_moments_(exp_avg, exp_avg_sq, grad, beta1, beta2)
+    friction = previous.sub_(grad).abs_().sigmoid_()   # reuse the buffer, then refill it
+    step = friction.mul_(exp_avg).div_(exp_avg_sq.sqrt().add_(group["eps"]))
+    bc1, bc2 = bias_corrections(t, beta1, beta2)
+    p.add_(step, alpha=-lr * math.sqrt(bc2) / bc1)
+    previous.copy_(grad)
+
+
+DIFFGRAD = ElementwiseRule("diffgrad", diffgrad_update, init=zeros_state("exp_avg", "exp_avg_sq", "previous_grad"))
 
 
 class DiffGrad(TorchstepOptimizer):
@@ -18,8 +36,15 @@ class DiffGrad(TorchstepOptimizer):
         \xi &= \sigma(|g_{\text{prev}} - g'|),\quad g_{\text{prev}} \leftarrow g' \ (g_{\text{prev}}=0 \text{ at } t=1) \\
         \theta &\leftarrow \theta - \eta \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\,\frac{m\odot\xi}{\sqrt{v}+\epsilon}
 
-    (HF flavour: ε is not bias-corrected.)  Defaults: ``lr=1e-3, betas=(0.9, 0.999),
-    eps=1e-8, weight_decay=0`` (paper).
+    (HF flavour: ε is not bias-corrected.)
+
+    Args:
+        params: parameters or groups.
+        lr: η (default 1e-3, paper).
+        betas: (β1, β2) (default (0.9, 0.999)).
+        eps: ε added to √v (default 1e-8).
+        weight_decay: coupled L2 λ added to the gradient copy (default 0).
+        maximize, nonfinite: the policies of every torchstep optimizer.
 
     Paper: Dubey et al., "diffGrad: An Optimization Method for Convolutional Neural
     Networks", IEEE TNNLS 2019, arXiv 1909.11015.  Official code: shivram1987/diffGrad
@@ -30,26 +55,10 @@ class DiffGrad(TorchstepOptimizer):
     Memory: 3 buffers (``exp_avg``, ``exp_avg_sq``, ``previous_grad``).
     """
 
+    rule = DIFFGRAD
+
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, *, maximize: bool = False,
                  nonfinite: str = "skip") -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       maximize=maximize, nonfinite=nonfinite))
-
-    def _init_state(self, p, state, group):
-        for key in ("exp_avg", "exp_avg_sq", "previous_grad"):
-            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-    def _update(self, p, grad, state, group):
-        t = self._advance(state)
-        lr = scalar(group["lr"])
-        beta1, beta2 = group["betas"]
-        if group["weight_decay"] != 0:
-            grad = grad.add(p, alpha=group["weight_decay"])
-        exp_avg, exp_avg_sq, previous = state["exp_avg"], state["exp_avg_sq"], state["previous_grad"]
-        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        friction = previous.sub_(grad).abs_().sigmoid_()   # reuse the buffer, then refill it
-        step = friction.mul_(exp_avg).div_(exp_avg_sq.sqrt().add_(group["eps"]))
-        p.add_(step, alpha=-lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t))
-        previous.copy_(grad)

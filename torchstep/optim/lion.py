@@ -5,7 +5,19 @@ from typing import Any
 
 import torch
 
-from ._base import TorchstepOptimizer, decay_, scalar
+from ._base import ElementwiseRule, TorchstepOptimizer, decay_, scalar, zeros_state
+
+
+def lion_update(p, grad, state, group) -> None:
+    lr = scalar(group["lr"])
+    beta1, beta2 = group["betas"]
+    exp_avg = state["exp_avg"]
+    decay_(p, lr, group["weight_decay"])
+    p.add_(exp_avg.lerp(grad, 1.0 - beta1).sign_(), alpha=-lr)
+    exp_avg.lerp_(grad, 1.0 - beta2)
+
+
+LION = ElementwiseRule("lion", lion_update, init=zeros_state("exp_avg"))
 
 
 class Lion(TorchstepOptimizer):
@@ -16,7 +28,14 @@ class Lion(TorchstepOptimizer):
         \theta_t &= \theta_{t-1}(1-\eta\lambda) - \eta\,\mathrm{sign}(c_t) \\
         m_t &= \beta_2 m_{t-1} + (1-\beta_2) g_t
 
-    Defaults: ``lr=1e-4, betas=(0.9, 0.99), weight_decay=0`` (paper).  Use an lr 3–10× smaller
+    Args:
+        params: parameters or groups.
+        lr: η (default 1e-4, paper).
+        betas: (β1, β2) — interpolation for the sign and momentum EMA (default (0.9, 0.99)).
+        weight_decay: decoupled λ (default 0).
+        maximize, nonfinite: the policies of every torchstep optimizer.
+
+    Use an lr 3–10× smaller
     and a weight decay 3–10× larger than AdamW's.  optax's ``lion`` defaults ``weight_decay`` to
     1e-3 instead.
 
@@ -29,20 +48,9 @@ class Lion(TorchstepOptimizer):
     Deviations: none.  Memory: one buffer (``exp_avg``) per parameter.
     """
 
+    rule = LION
+
     def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False, nonfinite: str = "skip") -> None:
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
                                       maximize=maximize, nonfinite=nonfinite))
-
-    def _init_state(self, p, state, group):
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-    def _update(self, p, grad, state, group):
-        self._advance(state)
-        lr = scalar(group["lr"])
-        beta1, beta2 = group["betas"]
-        exp_avg = state["exp_avg"]
-        decay_(p, lr, group["weight_decay"])
-        direction = exp_avg.lerp(grad, 1.0 - beta1).sign_()
-        p.add_(direction, alpha=-lr)
-        exp_avg.lerp_(grad, 1.0 - beta2)

@@ -6,54 +6,58 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..ops.hessian import hutchinson_diagonal
-from ._base import TorchstepOptimizer, check_choice, check_range, decay_, scalar
+from ..ops.hessian import hutchinson_diagonal_groups
+from ._base import ElementwiseRule, TorchstepOptimizer, check_choice, check_range, decay_, scalar, zeros_state
 
 
-class _Sophia(TorchstepOptimizer):
-    """Shared Sophia update; subclasses differ only in how ``h`` is estimated."""
-
-    def _validate(self, group):
-        super()._validate(group)
-        check_range("rho", group["rho"], 0.0, lo_open=True)
-        check_range("bs", group["bs"], 0.0, lo_open=True)
-
-    def _init_state(self, p, state, group):
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-    def _update(self, p, grad, state, group):
-        self._advance(state)
+def _sophia_update(denominator):
+    def update(p, grad, state, group) -> None:
         lr = scalar(group["lr"])
         beta1 = group["betas"][0]
         exp_avg = state["exp_avg"]
         decay_(p, lr, group["weight_decay"])
         exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
         # sign(m)·min(|m|/d, 1) ≡ clamp(m/d, −1, 1) for the positive denominator d
-        p.add_(exp_avg.div(self._denominator(state["hessian"], group)).clamp_(-1.0, 1.0), alpha=-lr)
+        p.add_(exp_avg.div(denominator(state["hessian"], group)).clamp_(-1.0, 1.0), alpha=-lr)
+    return update
 
-    @staticmethod
-    def _denominator(hessian: Tensor, group: dict) -> Tensor:
-        """Official Sophia-G: ρ·b·h + ε (the GNB estimate is never negative)."""
-        return hessian.mul(group["rho"] * group["bs"]).add_(group["eps"])
+
+def gnb_denominator(hessian: Tensor, group: dict) -> Tensor:
+    """Official Sophia-G: ρ·b·h + ε (the GNB estimate is never negative)."""
+    return hessian.mul(group["rho"] * group["bs"]).add_(group["eps"])
+
+
+def hutchinson_denominator(hessian: Tensor, group: dict) -> Tensor:
+    """Paper form max(ρ·h, ε): Hutchinson estimates can be negative on non-convex losses."""
+    return hessian.mul(group["rho"] * group["bs"]).clamp_min_(group["eps"])
+
+
+def _check_sophia(group) -> None:
+    check_range("rho", group["rho"], 0.0, lo_open=True)
+    check_range("bs", group["bs"], 0.0, lo_open=True)
+
+
+def _check_sophia_h(group) -> None:
+    _check_sophia(group)
+    check_range("samples", group["samples"], 1)
+    check_choice("distribution", group["distribution"], ("rademacher", "gaussian"))
+
+
+_INIT = zeros_state("exp_avg", "hessian")
+SOPHIA_G = ElementwiseRule("sophiag", _sophia_update(gnb_denominator), init=_INIT, check=_check_sophia)
+SOPHIA_H = ElementwiseRule("sophiah", _sophia_update(hutchinson_denominator), init=_INIT, check=_check_sophia_h)
+
+
+class _Sophia(TorchstepOptimizer):
+    """Shared Hessian refresh; the two variants differ in their rule (denominator) and estimator."""
 
     @torch.no_grad()
-    def _accumulate_hessian(self, pairs: Sequence[tuple[dict, Tensor, Tensor]]) -> None:
+    def _accumulate_hessian(self, items: Sequence[tuple[dict, Tensor, Tensor]]) -> None:
         """``h ← β2 h + (1−β2)·estimate``; non-finite estimates follow the group's ``nonfinite`` policy."""
-        checked = [i for i, (g, _, _) in enumerate(pairs) if g["nonfinite"] != "ignore"]
-        flags = dict(zip(checked, self._finite_flags([pairs[i][2] for i in checked])))
-        for i, (group, p, estimate) in enumerate(pairs):
-            if not flags.get(i, True):
-                if group["nonfinite"] == "raise":
-                    raise FloatingPointError("non-finite Hessian-diagonal estimate")
-                continue
-            state = self.state[p]
-            if not state:
-                work = p.float() if p.dtype in (torch.bfloat16, torch.float16) else p
-                state["step"] = torch.tensor(0.0)
-                self._init_state(work, state, group)
+        for group, p, estimate in self._finite_only(list(items), "Hessian-diagonal estimate"):
+            hessian = self.state_for(p, group)["hessian"]
             beta2 = group["betas"][1]
-            state["hessian"].mul_(beta2).add_(estimate.to(state["hessian"].dtype), alpha=1 - beta2)
+            hessian.mul_(beta2).add_(estimate.to(hessian.dtype), alpha=1 - beta2)
 
 
 class SophiaG(_Sophia):
@@ -92,6 +96,8 @@ class SophiaG(_Sophia):
     code's ``lr`` is ``ρ·η_p`` — we follow the code.  Memory: 2 buffers.
     """
 
+    rule = SOPHIA_G
+
     def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.04, weight_decay: float = 0.1, bs: float = 5120, eps: float = 1e-15,
                  *, maximize: bool = False, nonfinite: str = "skip") -> None:
@@ -101,7 +107,9 @@ class SophiaG(_Sophia):
     @torch.no_grad()
     def update_hessian(self) -> None:
         """``h ← β2 h + (1−β2) ĝ⊙ĝ`` from the current ``.grad`` (the GNB loss's gradient)."""
-        self._accumulate_hessian([(g, p, p.grad.square()) for g in self.param_groups for p in g["params"]
+        # square in fp32: a bf16/fp16 gradient of 1e-4 squares to 0 in fp16 before reaching fp32 state
+        self._accumulate_hessian([(g, p, p.grad.float().square() if p.grad.dtype in (torch.float16, torch.bfloat16)
+                                   else p.grad.square()) for g in self.param_groups for p in g["params"]
                                   if p.grad is not None])
 
 
@@ -122,6 +130,8 @@ class SophiaH(_Sophia):
     Memory: 2 buffers; one extra Hessian-vector product per refresh.
     """
 
+    rule = SOPHIA_H
+
     def __init__(self, params: Any, lr: float = 6e-4, betas: tuple[float, float] = (0.96, 0.99),
                  rho: float = 0.01, weight_decay: float = 0.0, eps: float = 1e-12,
                  samples: int = 1, distribution: str = "rademacher", *, bs: float = 1.0,
@@ -130,24 +140,13 @@ class SophiaH(_Sophia):
                                       samples=samples, distribution=distribution, bs=bs,
                                       maximize=maximize, nonfinite=nonfinite))
 
-    @staticmethod
-    def _denominator(hessian: Tensor, group: dict) -> Tensor:
-        """Paper form max(ρ·h, ε): Hutchinson estimates can be negative on non-convex losses."""
-        return hessian.mul(group["rho"] * group["bs"]).clamp_min_(group["eps"])
-
-    def _validate(self, group):
-        super()._validate(group)
-        check_range("samples", group["samples"], 1)
-        check_choice("distribution", group["distribution"], ("rademacher", "gaussian"))
-
     def update_hessian(self, loss: Tensor | Callable[[], Tensor],
                        generator: torch.Generator | None = None) -> None:
         """Refresh ``h`` from ``loss`` (a tensor with graph, or a closure returning one)."""
         if callable(loss):
             with torch.enable_grad():
                 loss = loss()
-        pairs = [(g, p) for g in self.param_groups for p in g["params"] if p.requires_grad]
-        group0 = self.param_groups[0]
-        estimates = hutchinson_diagonal(loss, [p for _, p in pairs], samples=group0["samples"],
-                                        distribution=group0["distribution"], generator=generator)
-        self._accumulate_hessian([(g, p, e) for (g, p), e in zip(pairs, estimates)])
+        groups = [(g, [p for p in g["params"] if p.requires_grad]) for g in self.param_groups]
+        estimates = hutchinson_diagonal_groups(loss, [(ps, g["samples"], g["distribution"]) for g, ps in groups],
+                                               generator=generator)
+        self._accumulate_hessian([(g, p, e) for (g, ps), es in zip(groups, estimates) for p, e in zip(ps, es)])

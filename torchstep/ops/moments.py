@@ -1,0 +1,34 @@
+"""Adam-type moments and bias correction, written once for every rule that keeps them."""
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+
+def update_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, beta1: float, beta2: float) -> None:
+    """``m ← β1 m + (1−β1) g`` (as ``lerp``, torch's AdamW) and ``v ← β2 v + (1−β2) g²``, in place."""
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+
+
+def bias_corrections(t: int, beta1: float, beta2: float) -> tuple[float, float]:
+    """``(1 − β1ᵗ, 1 − β2ᵗ)`` for the 1-based step ``t``."""
+    return 1 - beta1 ** t, 1 - beta2 ** t
+
+
+def adam_denominator(exp_avg_sq: Tensor, t: int, beta2: float, eps: float) -> Tensor:
+    """torch's AdamW denominator ``√v/√(1 − β2ᵗ) + ε`` (a new tensor)."""
+    return exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2 ** t)).add_(eps)
+
+
+def adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, t: int, beta1: float, beta2: float, eps: float,
+                   eps_inside: bool = False) -> tuple[Tensor, float]:
+    """``(direction, multiplier)`` with ``θ ← θ − η·multiplier·direction`` the bias-corrected Adam step.
+
+    ``eps_inside=False`` is torch's flavour ``(m/bc1)/(√v/√bc2 + ε)``; ``True`` the HF / original-paper
+    implementation flavour ``(m/(√v + ε))·√bc2/bc1``.  Returns a new tensor (the moments are untouched)."""
+    bc1, bc2 = bias_corrections(t, beta1, beta2)
+    if eps_inside:
+        return exp_avg / exp_avg_sq.sqrt().add_(eps), math.sqrt(bc2) / bc1
+    return exp_avg / adam_denominator(exp_avg_sq, t, beta2, eps), 1.0 / bc1

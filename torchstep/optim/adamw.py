@@ -1,0 +1,50 @@
+"""AdamW as a rule: the fallback of every hybrid optimizer and the benchmark's ``adamw`` arm (one code path)."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..ops.moments import adam_denominator, bias_corrections, update_moments_
+from ._base import ElementwiseRule, TorchstepOptimizer, decay_, scalar, step_of, zeros_state
+
+
+def adamw_update(p, grad, state, group) -> None:
+    """torch.optim.AdamW's for-loop update, operation for operation (ε after the bias-corrected root)."""
+    t, lr = step_of(state), scalar(group["lr"])
+    beta1, beta2 = group["betas"]
+    decay_(p, lr, group["weight_decay"])
+    update_moments_(state["exp_avg"], state["exp_avg_sq"], grad, beta1, beta2)
+    bc1, _ = bias_corrections(t, beta1, beta2)
+    p.addcdiv_(state["exp_avg"], adam_denominator(state["exp_avg_sq"], t, beta2, group["eps"]), value=-lr / bc1)
+
+
+ADAMW = ElementwiseRule("adamw", adamw_update, init=zeros_state("exp_avg", "exp_avg_sq"))
+
+
+class AdamW(TorchstepOptimizer):
+    r"""AdamW: Adam with decoupled weight decay, exactly ``torch.optim.AdamW`` (for-loop path).
+
+    .. math::
+        \theta &\leftarrow \theta(1-\eta\lambda) \\
+        m &\leftarrow \beta_1 m + (1-\beta_1) g,\quad v \leftarrow \beta_2 v + (1-\beta_2) g^2 \\
+        \theta &\leftarrow \theta - \frac{\eta}{1-\beta_1^t}\,\frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    Args:
+        params: parameters or groups.
+        lr: learning rate η (default 1e-3).
+        betas: (β1, β2), default (0.9, 0.999).
+        eps: ε added after the bias-corrected square root (default 1e-8).
+        weight_decay: decoupled decay λ, applied as θ(1 − ηλ) (default 1e-2, torch's).
+        maximize, nonfinite: the policies of every torchstep optimizer (README).
+
+    Paper: Loshchilov & Hutter, "Decoupled Weight Decay Regularization", arXiv 1711.05101.  Bit-identical
+    to ``torch.optim.AdamW(foreach=False)`` (tested); it is the rule every hybrid's fallback groups run.
+    Memory: 2 buffers.
+    """
+
+    rule = ADAMW
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, maximize: bool = False,
+                 nonfinite: str = "skip") -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      maximize=maximize, nonfinite=nonfinite))
