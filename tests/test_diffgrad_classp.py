@@ -55,18 +55,55 @@ def test_coupled_weight_decay_enters_the_moments_not_the_grad():
 
 
 # --------------------------------------------------------------------------- CLASSP
+def _diffgrad_v2_reference(x0, grads, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, wd=0.0):
+    """Transcription of shivram1987/diffGrad ``diffGrad_v2.py`` (per coordinate, plain floats)."""
+    x = [float(v) for v in x0]
+    m, v, prev = [0.0] * len(x), [0.0] * len(x), [0.0] * len(x)
+    for t, g in enumerate(grads, start=1):
+        for i, gi in enumerate(g):
+            gi = gi + wd * x[i]                       # official: written into p.grad in place
+            m[i] = beta1 * m[i] + (1 - beta1) * gi
+            v[i] = beta2 * v[i] + (1 - beta2) * gi * gi
+            denom = math.sqrt(v[i]) + eps
+            xi = 1.0 / (1.0 + math.exp(-abs(prev[i] - gi)))
+            prev[i] = gi
+            x[i] -= lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t) * m[i] * xi / denom
+    return x
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_diffgrad_with_varying_gradients_matches_the_official_v2_update(wd):
+    # ξ ≠ 0.5 here: the gradients change every step, so |g_prev − g| and the friction vary per coordinate
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(7, generator=g, dtype=torch.float64) for _ in range(25)]
+    x = torch.randn(7, generator=g, dtype=torch.float64).requires_grad_()
+    x0 = x.detach().tolist()
+    opt = DiffGrad([x], lr=1e-2, weight_decay=wd)
+    frictions = []
+    for gr in grads:
+        x.grad = gr.clone()
+        prev = opt.state[x]["previous_grad"].clone() if opt.state[x] else torch.zeros(7, dtype=torch.float64)
+        frictions.append(torch.sigmoid((prev - (gr + wd * x.detach())).abs()))
+        opt.step()
+    expected = _diffgrad_v2_reference(x0, [gr.tolist() for gr in grads], lr=1e-2, wd=wd)
+    torch.testing.assert_close(x.detach(), torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-13)
+    spread = torch.stack(frictions[1:])
+    assert spread.min() < 0.6 and spread.max() > 0.8      # the friction really varies away from 0.5
+
+
 def _classp_reference(x0, grads, lr, threshold, eps, power):
-    """Direct transcription of the paper's per-coordinate rule (current gradient included)."""
+    """Direct transcription of the paper's per-coordinate rule: the accumulator is the sum of |g_k|^p over
+    all past gradients (every coordinate, adjusted or not), current gradient included (our documented choice)."""
     x, acc = [float(v) for v in x0], [0.0] * len(x0)
     for g in grads:
         for i, gi in enumerate(g):
+            acc[i] += abs(gi) ** power
             if gi * gi > threshold:
-                acc[i] += abs(gi) ** power
                 x[i] -= lr * gi / (eps + acc[i]) ** (1 / power)
     return x
 
 
-@pytest.mark.parametrize("power", [1.0, 2.0, 3.0])
+@pytest.mark.parametrize("power", [1.0, 2.0, 3.0, 0.5])
 def test_classp_matches_the_paper_equation(power):
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(6, generator=g, dtype=torch.float64) for _ in range(12)]
@@ -79,13 +116,25 @@ def test_classp_matches_the_paper_equation(power):
     torch.testing.assert_close(x.detach(), torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-14)
 
 
-def test_classp_threshold_freezes_small_gradient_coordinates_without_charging_them():
+def test_classp_threshold_freezes_small_gradient_coordinates_but_charges_every_coordinate():
     x = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     opt = CLASSP([x], threshold=0.5)
     x.grad = torch.tensor([0.1, -2.0, 0.7], dtype=torch.float64)    # g² = 0.01, 4, 0.49
     opt.step()
     assert x[0].item() == 0.0 and x[2].item() == 0.0 and x[1].item() > 0
-    assert opt.state[x]["grad_sum"].tolist() == [0.0, 2.0, 0.0]
+    assert opt.state[x]["grad_sum"].tolist() == [0.1, 2.0, 0.7]      # the paper's sum over all gradients
+
+
+@pytest.mark.parametrize("power", [0.1, 0.05])
+def test_classp_small_power_keeps_unadjusted_coordinates_finite(power):
+    # ε^(−1/p) = (1e-5)^(−10) overflows float32: unadjusted coordinates must stay exactly where they are
+    x = torch.zeros(4, requires_grad=True)
+    opt = CLASSP([x], threshold=0.5, power=power)
+    for _ in range(3):
+        x.grad = torch.tensor([0.0, 0.1, -2.0, 0.7])
+        opt.step()
+        assert torch.isfinite(x).all() and torch.isfinite(opt.state[x]["grad_sum"]).all()
+    assert x[0].item() == 0.0 and x[1].item() == 0.0 and x[3].item() == 0.0 and x[2].item() > 0
 
 
 def test_classp_power_two_zero_threshold_is_adagrad():

@@ -62,5 +62,8 @@ def test_soft_spectral_clip_matches_the_svd_map(c):
     torch.testing.assert_close(soft_spectral_clip(U.T, c), out.T, rtol=1e-5, atol=1e-6)
     small = 1e-3 * U
     torch.testing.assert_close(soft_spectral_clip(small, 100.0), small, rtol=1e-6, atol=1e-9)
-    v = torch.tensor([3.0, 4.0])
-    torch.testing.assert_close(soft_spectral_clip(v, 5.0), v / 2 ** 0.5)
+    v = torch.tensor([3.0, 4.0])                       # ‖v‖ = 5
+    # the official vector map: unchanged when ‖U‖ ≤ c, else U/√(1 + (‖U‖/c)²)
+    assert torch.equal(soft_spectral_clip(v, 5.0), v)
+    assert torch.equal(soft_spectral_clip(v, 6.0), v)
+    torch.testing.assert_close(soft_spectral_clip(v, 2.5), v / 5 ** 0.5)      # (‖v‖/c)² = 4

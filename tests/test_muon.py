@@ -131,11 +131,26 @@ def test_swan_grad_norm_and_whitened_update():
     assert Z.mean(-1).abs().max() < 1e-6 and (Z.var(-1, correction=0) - 1).abs().max() < 1e-5
     p = torch.zeros(16, 64, requires_grad=True)
     p.grad = G
-    SWAN([p], lr=1.0).step()
+    SWAN([p], lr=1.0, rescale=False).step()
     U, _, Vh = torch.linalg.svd(Z, full_matrices=False)
     assert ((-p.detach() - U @ Vh).norm() / (U @ Vh).norm()) < 1e-3
     assert torch.linalg.svdvals(-p.detach()).sub(1).abs().max() < 1e-2
     torch.testing.assert_close(-p.detach(), whiten(Z))
+
+
+def test_swan_paper_rescale_restores_the_gradnorm_frobenius_norm():
+    # ΔW ← (‖G̃‖_F/‖ΔW‖_F)·ΔW: the update gets ‖G̃‖_F = √(mn) (RMS 1), √max(m, n) = 8× the bare whitened step
+    G = torch.randn(16, 64, generator=torch.Generator().manual_seed(4)) * 3 + 1
+    Z = SWAN.grad_norm(G)
+    p, q = torch.zeros(16, 64, requires_grad=True), torch.zeros(16, 64, requires_grad=True)
+    p.grad, q.grad = G, G.clone()
+    SWAN([p], lr=1.0).step()
+    SWAN([q], lr=1.0, rescale=False).step()
+    torch.testing.assert_close(torch.linalg.matrix_norm(p.detach()), torch.linalg.matrix_norm(Z), rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.linalg.matrix_norm(Z).item(), 32.0, rtol=1e-5, atol=0)        # √(16·64)
+    ratio = torch.linalg.matrix_norm(p.detach()) / torch.linalg.matrix_norm(q.detach())
+    torch.testing.assert_close(ratio.item(), 8.0, rtol=1e-2, atol=0)                               # √max(m, n)
+    torch.testing.assert_close(p.detach() / ratio, q.detach(), rtol=1e-5, atol=1e-7)               # same direction
 
 
 def test_muon_solves_a_matrix_least_squares_problem():

@@ -28,7 +28,7 @@ def test_unclipped_regime_is_newton_like():
 
 
 def test_parity_with_sophia_opt_including_hessian_refreshes():
-    sophia_opt = pytest.importorskip("sophia_opt")
+    import sophia_opt   # parity reference (README test command installs it): missing means fail, not skip
     g = torch.Generator().manual_seed(0)
     ours = [torch.randn(12, 7, generator=g).requires_grad_(), torch.randn(7, generator=g).requires_grad_()]
     theirs = [p.detach().clone().requires_grad_() for p in ours]
@@ -136,3 +136,93 @@ def test_nonfinite_hessian_estimates_are_skipped():
     x.grad = torch.tensor([1.0, float("nan"), 2.0])
     opt.update_hessian()
     assert x not in opt.state or torch.isfinite(opt.state[x]["hessian"]).all()
+
+
+def test_sophiag_batch_size_enters_the_step_not_the_stored_estimate():
+    # bs = B scales the curvature in the denominator (ρ·B·h + ε); h itself is the mean-gradient estimate
+    a, b = (torch.zeros(3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    oa = SophiaG([a], lr=0.1, rho=0.04, bs=64, weight_decay=0.0)
+    ob = SophiaG([b], lr=0.1, rho=0.04 * 64, bs=1, weight_decay=0.0)
+    for x, o in ((a, oa), (b, ob)):
+        x.grad = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+        o.update_hessian()
+        x.grad = torch.tensor([0.3, 0.2, -0.1], dtype=torch.float64)
+        o.step()
+    assert torch.equal(oa.state[a]["hessian"], ob.state[b]["hessian"])
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-15, atol=0)
+    h = oa.state[a]["hessian"]
+    expected = -0.1 * (0.035 * torch.tensor([0.3, 0.2, -0.1], dtype=torch.float64) / (0.04 * 64 * h + 1e-15)).clamp(-1, 1)
+    torch.testing.assert_close(a.detach(), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sophiag_update_hessian_squares_low_precision_gradients_in_fp32(dtype):
+    # (1e-4)² = 1e-8 is below fp16's smallest subnormal (6e-8): squaring in fp16 stored 0 curvature
+    x = torch.zeros(4, dtype=dtype, requires_grad=True)
+    opt = SophiaG([x], betas=(0.965, 0.99))
+    x.grad = torch.full((4,), 1e-4, dtype=dtype)
+    opt.update_hessian()
+    h = opt.state[x]["hessian"]
+    assert h.dtype == torch.float32
+    torch.testing.assert_close(h, 0.01 * x.grad.float().square(), rtol=1e-6, atol=0)
+    assert (h > 0).all()
+
+
+def test_sophiah_unused_parameter_gets_zero_curvature_instead_of_an_error():
+    x = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    unused = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    linear = torch.ones(2, dtype=torch.float64, requires_grad=True)       # in the graph, zero Hessian
+    opt = SophiaH([x, unused, linear], betas=(0.0, 0.0))
+    opt.update_hessian(lambda: (x ** 4).sum() + linear.sum())
+    torch.testing.assert_close(opt.state[x]["hessian"], torch.full((3,), 12.0, dtype=torch.float64))
+    assert torch.equal(opt.state[unused]["hessian"], torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(opt.state[linear]["hessian"], torch.zeros(2, dtype=torch.float64))
+
+
+def test_sophiah_reads_samples_and_distribution_from_each_group():
+    # Rademacher probes recover a diagonal Hessian exactly, Gaussian ones do not: each group must use its own
+    D = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)
+    x, y = torch.ones(3, dtype=torch.float64, requires_grad=True), torch.ones(3, dtype=torch.float64, requires_grad=True)
+    opt = SophiaH([{"params": [x], "distribution": "gaussian", "samples": 3},
+                   {"params": [y], "distribution": "rademacher"}], betas=(0.0, 0.0))
+    torch.manual_seed(0)
+    opt.update_hessian(lambda: 0.5 * (D * x ** 2).sum() + 0.5 * (D * y ** 2).sum())
+    torch.testing.assert_close(opt.state[y]["hessian"], D)
+    assert not torch.allclose(opt.state[x]["hessian"], D)
+    torch.manual_seed(0)      # the Gaussian group's estimate is the mean of its 3 probes z²·D
+    z = torch.randn(3, 3, dtype=torch.float64)
+    torch.testing.assert_close(opt.state[x]["hessian"], (z ** 2).mean(0) * D, rtol=1e-12, atol=0)
+
+
+def test_sophiah_matches_pytorch_optimizer_under_the_documented_mapping():
+    import pytorch_optimizer   # the peer (installed by the README's test command): missing means fail
+    # theirs: p ← p(1 − lr·λ); m ← lerp(m, g, 1 − β1); at steps 1, 1+k, …: h ← lerp(h, z⊙Hz, 1 − β2);
+    # p ← p − lr·clamp(m/max(h, ε), ±p_c).  Ours with η = lr·p_c, ρ = p_c, ε = p_c·ε', λ = λ'/p_c, Gaussian probes.
+    lr, p_c, eps, wd, k = 0.05, 0.02, 1e-12, 0.1, 5
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)]
+    data = [torch.randn(8, 4, generator=g, dtype=torch.float64) for _ in range(20)]
+
+    def loss(params, step):
+        W, b = params
+        return torch.log1p(((data[step] @ W + b) ** 2)).sum()
+
+    ours = [t.clone().requires_grad_() for t in start]
+    theirs = [t.clone().requires_grad_() for t in start]
+    a = SophiaH(ours, lr=lr * p_c, rho=p_c, eps=p_c * eps, weight_decay=wd / p_c, betas=(0.9, 0.95),
+                distribution="gaussian")
+    b = pytorch_optimizer.SophiaH(theirs, lr=lr, p=p_c, eps=eps, weight_decay=wd, betas=(0.9, 0.95), update_period=k,
+                                  foreach=False)
+    for step in range(20):
+        b.zero_grad()
+        loss(theirs, step).backward(create_graph=True)
+        torch.manual_seed(100 + step)
+        b.step()
+        if step % k == 0:
+            torch.manual_seed(100 + step)
+            a.update_hessian(lambda: loss(ours, step))
+        a.zero_grad()
+        loss(ours, step).backward()
+        a.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-10, atol=1e-12)

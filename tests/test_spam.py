@@ -29,9 +29,24 @@ def test_spam_official_trace_reset_and_warmup():
     assert opt.state[x]["step"].item() == 15
 
 
-def test_spam_paper_mode_restarts_bias_correction_with_the_moments():
+def _fresh_moment_step(t, beta1=0.9, beta2=0.999, eps=1e-6):
+    """HF-flavour Adam step for g = 1 with moments holding one step of g and bias correction at step t."""
+    return (1 - beta1) / (math.sqrt(1 - beta2) + eps) * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+
+
+def test_spam_default_keeps_the_global_step_in_the_bias_correction():
+    # the official code never resets the counter and nothing shows the paper does: s = t by default
     x = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     opt = SPAM([x], lr=1.0, reset_interval=10, warmup_steps=5, grad_accu_steps=2)
+    sizes = _update_sizes(opt, x, [1.0] * 16)
+    assert sizes[9] == pytest.approx(0.01 * _fresh_moment_step(10), rel=1e-9)     # 0.01 × 0.4844…
+    assert _fresh_moment_step(10) == pytest.approx(0.4844, abs=1e-4)
+    assert _fresh_moment_step(500) == pytest.approx(1.98, abs=0.01)     # ΔT = 500: ≈2× a normal step before the ramp
+
+
+def test_spam_reset_step_counter_restarts_bias_correction_with_the_moments():
+    x = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = SPAM([x], lr=1.0, reset_interval=10, warmup_steps=5, grad_accu_steps=2, reset_step_counter=True)
     sizes = _update_sizes(opt, x, [1.0] * 16)
     assert sizes[9] == pytest.approx(0.01 * sizes[0], rel=1e-9)        # fresh Adam step × ramp 0.01
     ramp = [SPAM.warmup_factor(t, 10, 5) for t in range(10, 16)]
@@ -39,6 +54,14 @@ def test_spam_paper_mode_restarts_bias_correction_with_the_moments():
                                  rel=1e-12)
     assert ramp[0] == pytest.approx(0.01)
     assert sizes[15] == pytest.approx(sizes[6], rel=1e-9)   # t = 16: 7th step of fresh moments, like t = 7
+
+
+def test_spam_official_ramp_is_the_cosine_over_n_plus_one_steps():
+    # official CosineAnnealingLR(T_max = N + 1), N = 5: 0.01, 0.0763, 0.2575, 0.505, 0.7525, then exactly 1
+    official = [SPAM.warmup_factor(t, 10, 5, official=True) for t in range(10, 16)]
+    assert official == pytest.approx([0.01, 0.07632, 0.2575, 0.505, 0.7525, 1.0], abs=1e-4)
+    paper = [SPAM.warmup_factor(t, 10, 5) for t in range(10, 16)]
+    assert paper[1] == pytest.approx(0.1045, abs=1e-4) and paper[1] != pytest.approx(official[1], abs=1e-3)
 
 
 def test_spam_moments_are_zero_right_after_each_reset():
@@ -53,20 +76,29 @@ def test_spam_moments_are_zero_right_after_each_reset():
             assert not torch.allclose(m_before, torch.zeros(3))
 
 
-def test_spam_clips_spikes_to_sqrt_threshold_times_v():
+@pytest.mark.parametrize("threshold,bound", [(100.0, 0.15811388300841897), (400.0, 0.31622776601683794)])
+def test_spam_clips_spikes_to_sqrt_threshold_times_v(threshold, bound):
+    # step 1 (unclipped, A = 2): g = 0.5 → v = (1 − 0.999)·0.25 = 2.5e-4; step 2's bound √(τ·v): 0.1581 for τ = 100, 0.3162 for 400
+    # (√v alone would be 0.0158: the numbers pin τ inside the root)
     x = torch.zeros(4, dtype=torch.float64, requires_grad=True)
-    opt = SPAM([x], lr=1e-3, threshold=100.0, grad_accu_steps=0, reset_interval=0)
+    opt = SPAM([x], lr=1e-3, threshold=threshold, grad_accu_steps=2, reset_interval=0)
     x.grad = torch.full((4,), 0.5, dtype=torch.float64)
     opt.step()
-    v = opt.state[x]["exp_avg_sq"].clone()
+    assert opt.state[x]["exp_avg_sq"].tolist() == pytest.approx([2.5e-4] * 4, rel=1e-12)
     m = opt.state[x]["exp_avg"].clone()
-    spike = torch.tensor([0.5, 50.0, -50.0, 5.0], dtype=torch.float64)   # bound √(100·v) = 0.5·√0.1 ·10
+    spike = torch.tensor([0.1, 50.0, -50.0, 0.15], dtype=torch.float64)
     x.grad = spike
     opt.step()
-    bound = (100 * v).sqrt()
-    clipped = torch.where(spike ** 2 > bound ** 2, spike.sign() * bound, spike)
-    torch.testing.assert_close(opt.state[x]["exp_avg"], 0.9 * m + 0.1 * clipped)
+    clipped = torch.tensor([0.1, bound, -bound, 0.15], dtype=torch.float64)
+    torch.testing.assert_close(opt.state[x]["exp_avg"], 0.9 * m + 0.1 * clipped, rtol=1e-12, atol=0)
     assert torch.equal(x.grad, spike)   # clipping acted on a copy
+
+
+@pytest.mark.parametrize("accu", [0, 1])
+def test_spam_rejects_accumulation_steps_that_would_freeze_everything(accu):
+    with pytest.raises(ValueError, match="grad_accu_steps"):
+        SPAM([torch.zeros(2, requires_grad=True)], grad_accu_steps=accu)
+    SPAM([torch.zeros(2, requires_grad=True)], grad_accu_steps=accu, threshold=0)   # no clipping: harmless
 
 
 def test_spam_no_clipping_during_the_first_accumulation_steps_after_a_reset():
@@ -212,3 +244,26 @@ def test_stablespam_zero_gradient_is_safe():
     x.grad = torch.zeros(3)
     opt.step()
     assert torch.isfinite(x).all() and torch.equal(x.detach(), torch.ones(3))
+
+
+def test_stablespam_zero_gradient_with_the_bf16_recipe_stays_finite():
+    # γ1 = 0.85, γ2 = 0.99999: after a jump in gradient norm κ = â/√ĉ > 4, and κ/‖g‖ at ‖g‖ = 0 overflowed
+    # float32 (κ/tiny > 3.4e38) so 0·inf poisoned parameters and moments; the official code only rescales
+    # when ‖g‖ > 0.  (AdaClip off: it would clip the jump that makes κ large.)
+    x = torch.randn(8, requires_grad=True)
+    opt = StableSPAM([x], gamma1=0.85, gamma2=0.99999, adaclip=False)
+    g = torch.Generator().manual_seed(0)
+    for t in range(1005):
+        x.grad = torch.randn(8, generator=g) * (1e-3 if t < 1000 else 1.0)   # norms ≈ 0.003, then ≈ 2.8
+        opt.step()
+    s = opt.state[x]
+    x.grad = torch.zeros(8)
+    a_hat = 0.85 * s["norm_avg"] / (1 - 0.85 ** 1006)               # the EMAs after the zero step
+    c_hat = 0.99999 * s["norm_sq_avg"] / (1 - 0.99999 ** 1006)
+    assert float(a_hat / (c_hat.sqrt() + 1e-8)) > 4
+    before = x.detach().clone()
+    for _ in range(3):
+        opt.step()
+        x.grad = torch.zeros(8)
+    assert torch.isfinite(x).all() and all(torch.isfinite(v).all() for v in s.values())
+    assert (x.detach() - before).abs().max() < 1e-2        # the old moments still move x a little, finitely

@@ -54,7 +54,8 @@ def _check_spam(group) -> None:
     check_range("threshold", group["threshold"], 0.0)
     check_range("reset_interval", group["reset_interval"], 0)
     check_range("warmup_steps", group["warmup_steps"], 0)
-    check_range("grad_accu_steps", group["grad_accu_steps"], 1)   # 0 would clip every entry to √(τ·0) = 0 forever
+    # with A ≤ 1 the first step clips against v = 0 (no earlier step): every entry becomes 0, v stays 0, forever
+    check_range("grad_accu_steps", group["grad_accu_steps"], 2 if group["threshold"] > 0 else 0)
     check_choice("compat", group["compat"], ("paper", "official"))
     if not isinstance(group["reset_step_counter"], bool):
         raise ValueError(f"Invalid reset_step_counter: {group['reset_step_counter']!r} (valid range: True or False)")
@@ -160,8 +161,8 @@ class SPAM(TorchstepOptimizer):
             the step).
         warmup_steps: ramp length N (default 150; the official training script passed its lr warm-up here —
             use 150).
-        grad_accu_steps: A, steps after each reset (and at the start) without clipping (default 20; ≥ 1:
-            with A = 0 the first clip uses v = 0 and freezes every entry forever).
+        grad_accu_steps: A, steps after each reset (and at the start) without clipping (default 20; ≥ 2
+            when clipping: with A ≤ 1 the first step clips against v = 0 and freezes every entry forever).
         compat: ``"paper"`` (default) or ``"official"`` — the ramp's N' above.
         reset_step_counter: restart the bias-correction step at resets (default False).
         maximize, nonfinite: the policies of every torchstep optimizer.
