@@ -149,3 +149,39 @@ def test_sync_free_projection_path_equals_the_branching_path(orthogonal):
         assert float(ra) == float(rb)
         if orthogonal:
             assert float(ra) == 0.1
+
+
+def _whole_tensor_orthogonal_grad(p, g):
+    """A gradient whose rows 0/1 are (anti-)aligned with θ's rows (per-channel |cos| = 1: that view never
+    fires) while ⟨g, θ⟩ = 0 over the whole tensor (the whole-tensor view fires)."""
+    rows = p.detach().reshape(p.shape[0], -1)
+    r = torch.randn(rows.shape, generator=g, dtype=p.dtype)
+    r = r - rows * (r * rows).sum(1, keepdim=True) / (rows * rows).sum(1, keepdim=True)
+    r[0] = rows[0]
+    r[1] = -rows[1] * (rows[0] @ rows[0]) / (rows[1] @ rows[1])
+    return r.reshape(p.shape)
+
+
+@pytest.mark.parametrize("kind", ["adamp", "sgdp"])
+def test_whole_tensor_projection_view_fires_and_matches_the_official_package(kind):
+    from torchstep.optim.adamp import project_radial
+    g = torch.Generator().manual_seed(7)
+    ours = [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_() for s in [(6, 4, 2), (8, 5)]]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    kwargs = dict(lr=1e-2, weight_decay=1e-2) if kind == "adamp" else dict(lr=1e-1, momentum=0.9, weight_decay=1e-3)
+    a = AdamP(ours, **kwargs) if kind == "adamp" else SGDP(ours, compat="official", **kwargs)   # in-place buffer quirk
+    b = (adamp.AdamP if kind == "adamp" else adamp.SGDP)(theirs, **kwargs)
+    for _ in range(10):
+        grads = [_whole_tensor_orthogonal_grad(p, g) for p in ours]
+        for p, gr in zip(ours, grads):      # the trigger: channel view off, whole-tensor view on
+            update, ratio = project_radial(p.detach(), gr, gr.clone(), 0.1, 0.1, 1e-8)
+            assert ratio == 0.1 and abs(float((update * p.detach()).sum())) < 1e-9 * float(p.detach().norm()) ** 2
+            for sync_free in (False, True):          # both execution paths agree
+                u2, r2 = project_radial(p.detach(), gr, gr.clone(), 0.1, 0.1, 1e-8, sync_free=sync_free)
+                torch.testing.assert_close(u2, update, rtol=0, atol=1e-15)
+                assert float(r2) == 0.1
+        for p, q, gr in zip(ours, theirs, grads):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        a.step(), b.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-10)

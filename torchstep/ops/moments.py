@@ -6,9 +6,17 @@ import math
 from torch import Tensor
 
 
-def update_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, beta1: float, beta2: float) -> None:
-    """``m ← β1 m + (1−β1) g`` (as ``lerp``, torch's AdamW) and ``v ← β2 v + (1−β2) g²``, in place."""
-    exp_avg.lerp_(grad, 1 - beta1)
+def update_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, beta1: float, beta2: float, *,
+                    lerp: bool = True) -> None:
+    """``m ← β1 m + (1−β1) g`` and ``v ← β2 v + (1−β2) g²``, in place.
+
+    ``lerp=True`` spells the first moment as torch's AdamW does (``m.lerp_(g, 1−β1)``); ``False`` as
+    ``m.mul_(β1).add_(g, alpha=1−β1)`` — the same number up to one rounding, kept so that methods whose
+    reference code uses that spelling (SPAM, Stable-SPAM, diffGrad) reproduce it bit for bit."""
+    if lerp:
+        exp_avg.lerp_(grad, 1 - beta1)
+    else:
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
 
 

@@ -16,7 +16,7 @@ def diffgrad_update(p, grad, state, group) -> None:
     if group["weight_decay"] != 0:
         grad = grad.add(p, alpha=group["weight_decay"])
     exp_avg, exp_avg_sq, previous = state["exp_avg"], state["exp_avg_sq"], state["previous_grad"]
-    update_moments_(exp_avg, exp_avg_sq, grad, beta1, beta2)
+    update_moments_(exp_avg, exp_avg_sq, grad, beta1, beta2, lerp=False)   # official v2 spelling
     friction = previous.sub_(grad).abs_().sigmoid_()   # reuse the buffer, then refill it
     step = friction.mul_(exp_avg).div_(exp_avg_sq.sqrt().add_(group["eps"]))
     bc1, bc2 = bias_corrections(t, beta1, beta2)

@@ -13,7 +13,7 @@ from ._base import ElementwiseRule, TorchstepOptimizer, check_choice, check_rang
 
 def _adam_step(state, grad, t: int, beta1: float, beta2: float, eps: float, eps_inside: bool):
     """Update the moments in place; (direction, multiplier) of the bias-corrected Adam step."""
-    update_moments_(state["exp_avg"], state["exp_avg_sq"], grad, beta1, beta2)
+    update_moments_(state["exp_avg"], state["exp_avg_sq"], grad, beta1, beta2, lerp=False)   # official spelling
     return adam_direction(state["exp_avg"], state["exp_avg_sq"], t, beta1, beta2, eps, eps_inside)
 
 
