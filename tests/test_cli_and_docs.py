@@ -43,3 +43,31 @@ def test_speed_benchmark_runs_and_reports_ratios():
 def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "torchstep.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "bench" in out.stdout
+
+
+def test_every_public_optimizer_class_documents_each_argument():
+    import inspect
+
+    import torchstep.optim as optim
+    missing = {}
+    for name in optim.__all__:
+        cls = getattr(optim, name)
+        doc = inspect.getdoc(cls) or ""
+        if "Args:" not in doc:
+            missing[name] = ["(no Args section)"]
+            continue
+        args = doc.split("Args:", 1)[1]
+        params = [p for p in inspect.signature(cls.__init__).parameters.values()
+                  if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        undocumented = [p.name for p in params if p.name not in args]
+        if undocumented:
+            missing[name] = undocumented
+    assert not missing, missing
+
+
+def test_fixtures_and_benchmark_settings_cover_exactly_the_registry():
+    from fixtures import FIXTURES
+
+    from torchstep.bench.arms import ARMS, BENCH
+    assert set(FIXTURES) == set(SPECS)
+    assert set(BENCH) == set(SPECS) and set(SPECS) <= set(ARMS)

@@ -83,7 +83,11 @@ class Rule:
 
     Subclass it (or use :class:`ElementwiseRule`) and give an optimizer class ``rule = YourRule()``; a
     hybrid optimizer maps group ``algo`` names to rules instead.  Rules hold no per-run data: everything
-    lives in the group (hyperparameters) and the per-parameter ``state``."""
+    lives in the group (hyperparameters) and the per-parameter ``state``.
+
+    Args:
+        (none) — a subclass sets ``name`` and overrides ``validate``, ``init_state`` and ``update``.
+    """
 
     name: str
 
@@ -99,8 +103,14 @@ class Rule:
 
 
 class ElementwiseRule(Rule):
-    """A rule given by three plain functions: ``update_one(p, grad, state, group)`` per tensor,
-    ``init(p, state, group)`` and ``check(group)``."""
+    """A rule given by plain functions, applied to each tensor of a group in turn.
+
+    Args:
+        name: the rule's name (the ``algo`` a hybrid routes by).
+        update_one: ``update_one(p, grad, state, group)`` — updates one parameter in place.
+        init: ``init(p, state, group)`` — lazy state (default: none; see :func:`zeros_state`).
+        check: ``check(group)`` — validates the rule's own hyperparameters (default: none).
+    """
 
     def __init__(self, name: str, update_one: Callable, init: Callable | None = None,
                  check: Callable | None = None) -> None:
@@ -136,7 +146,13 @@ def step_of(state: dict[str, Any]) -> int:
 class TorchstepOptimizer(torch.optim.Optimizer):
     """Runs rules: see the module docstring for the policies every optimizer inherits.
 
-    Single-rule optimizers set the class attribute ``rule``; hybrids override :meth:`rule_for`."""
+    Single-rule optimizers set the class attribute ``rule``; hybrids override :meth:`rule_for`.
+
+    Args:
+        params: parameters or parameter groups (torch semantics).
+        defaults: every hyperparameter of the optimizer with its default (``maximize`` and
+            ``nonfinite`` are added when missing); group keys outside it are rejected.
+    """
 
     rule: Rule | None = None
     _BOOKKEEPING = {"params", "param_names", "name", "initial_lr"}   # partitioner / scheduler keys

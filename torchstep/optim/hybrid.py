@@ -34,7 +34,12 @@ def hybrid_defaults(rule: MatrixRule, fallback_lr: float, fallback_betas: tuple[
 
 
 class MatrixHybrid(TorchstepOptimizer):
-    """Base of the hybrid optimizers: ``matrix_rule`` (class attribute) for matrices, AdamW for the rest."""
+    """Base of the hybrid optimizers: ``matrix_rule`` (class attribute) for matrices, AdamW for the rest.
+
+    Args:
+        params: parameters or groups, routed as in the module docstring.
+        defaults: the hyperparameters, built with :func:`hybrid_defaults`.
+    """
 
     matrix_rule: MatrixRule
     fallback_rule: Rule = ADAMW

@@ -44,6 +44,21 @@ def unit_scale(u: Tensor, group: dict) -> float:
 
 @dataclass(frozen=True)
 class MatrixRule(Rule):
+    """A matrix rule composed of stages (the pipeline in the module docstring).
+
+    Args:
+        name: the rule's ``algo`` name.
+        lmo: ``lmo(matrices, group) -> list`` over the group's flattened matrices (batched).
+        direction: ``direction(grad, state, group) -> Tensor`` (default: the raw gradient).
+        init: ``init(p, state, group)`` lazy state (default: none).
+        post: ``post(u, state, group) -> Tensor`` after the LMO, or None.
+        layer_factors: ``layer_factors(states, group) -> list`` of per-tensor lr multipliers (None entries:
+            none), or None.
+        scale: ``scale(u, group) -> float`` shape scale of the step (default 1).
+        check: ``check(group)`` validation of the rule's hyperparameters.
+        accepts_vectors: ``accepts_vectors(group) -> bool`` — True lets 0-/1-D tensors in (sign LMOs).
+    """
+
     name: str
     lmo: Stage
     direction: Stage = raw_gradient

@@ -16,7 +16,11 @@ import torch
 
 
 class OptimizerWrapper(torch.optim.Optimizer):
-    """Base of wrappers: subclasses implement ``step`` and may call ``self.base.step()`` inside it."""
+    """Base of wrappers: subclasses implement ``step`` and may call ``self.base.step()`` inside it.
+
+    Args:
+        base: the wrapped ``torch.optim.Optimizer`` (any: torch's or torchstep's).
+    """
 
     def __init__(self, base: torch.optim.Optimizer) -> None:
         if not isinstance(base, torch.optim.Optimizer):
