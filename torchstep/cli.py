@@ -39,14 +39,11 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    if args.what == "speed":
-        from .bench import speed
-        speed.main(rounds=args.rounds, steps=args.speed_steps, optimizers=args.optimizers, out=args.out)
-        return
+    """``torchstep bench``: run (or resume) a suite, write its report, print the verdict table."""
     from dataclasses import replace
     from pathlib import Path
 
-    from .bench import report, sweep
+    from .bench import analysis, report, sweep
     from .bench.arms import ARMS
     from .bench.tasks import TASKS
     suite = sweep.SUITES[args.suite]
@@ -88,13 +85,29 @@ def cmd_bench(args: argparse.Namespace) -> None:
         fail(f"output directory {out} is not writable ({exc.strerror}); choose another with --out")
     db = sweep.sweep(suite, out, workers=args.workers, backend=args.backend, address=args.address,
                      progress=not args.quiet)
-    path = report.write(out)
+    results = analysis.analyse(db)          # once: the report and the printed table share it
+    path = report.write(out, results)
     export(out, args.export)
-    print(report.verdict_table(report.analyse(db)))
+    print(report.verdict_table(results))
     print(f"\nreport: {path}")
 
 
+def cmd_bench_speed(args: argparse.Namespace) -> None:
+    """``torchstep bench speed``: the step-time table (``torchstep.bench.speed``)."""
+    from .bench import speed
+    from .bench.arms import ARMS
+    for name, value in (("--rounds", args.rounds), ("--steps", args.steps)):
+        if value < 1:
+            fail(f"invalid {name} {value}; valid: an integer >= 1")
+    known = {name for name in ARMS if name in SPECS}
+    unknown = [x for x in args.optimizers or [] if x not in known]
+    if unknown:
+        fail(f"unknown optimizer {', '.join(unknown)}; valid: {', '.join(n for n in ARMS if n in known)}")
+    speed.main(rounds=args.rounds, steps=args.steps, optimizers=args.optimizers, out=args.out)
+
+
 def export(out, targets: list[str]) -> None:
+    """Export every trial's curve in ``out`` to each of ``targets`` (``tensorboard`` / ``mlflow``)."""
     from .bench import export as exporters
     for target in targets or []:
         try:
@@ -105,6 +118,7 @@ def export(out, targets: list[str]) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    """``torchstep report DIR``: re-write the report files from ``DIR/results.sqlite``."""
     from .bench import report
     try:
         print(f"report: {report.write(args.dir)}")
@@ -114,31 +128,34 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_width_sweep(args: argparse.Namespace) -> None:
+    """``torchstep width-sweep``: the spectral-ratio table of ``bench.arms.WIDTH_SWEEP_ARMS`` across widths."""
     import torch
 
+    from .bench.arms import WIDTH_SWEEP_ARMS
     from .diagnostics import width_sweep
     torch.set_num_threads(1)
     header = ("optimizer", "width", "max ‖ΔW‖₂/s", "max ‖W‖₂/s", "final loss", "feature change")
     rows = [(name, str(r.width), f"{r.max_update_ratio:.4f}", f"{r.max_weight_ratio:.3f}", f"{r.final_loss:.4f}",
              f"{r.feature_change:.3f}")
-            for name, make in width_sweep.ARMS.items()
+            for name, make in WIDTH_SWEEP_ARMS.items()
             for r in width_sweep.sweep(make, widths=args.widths, steps=args.steps)]
     print(markdown_table(header, rows))
 
 
 def fail(message: str) -> None:
+    """Print a one-line ``torchstep: error: …`` to stderr and exit with status 2 (argparse's usage error)."""
     print(f"torchstep: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``torchstep`` parser: ``list``, ``bench`` (optional sub-command ``speed``), ``width-sweep``, ``report``."""
     parser = argparse.ArgumentParser(prog="torchstep", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     listing = sub.add_parser("list", help="registered optimizers with family, paper and parity status")
     listing.add_argument("--markdown", action="store_true", help="print a markdown table (as in README.md)")
     listing.set_defaults(func=cmd_list)
     bench = sub.add_parser("bench", help="optimizer comparison sweep + report (`bench speed`: step-time table)")
-    bench.add_argument("what", nargs="?", choices=["speed"], help="`speed`: the step-time microbenchmark")
     bench.add_argument("--suite", choices=["smoke", "default", "full"], default="default")
     bench.add_argument("--tasks", nargs="+", default=None, metavar="TASK")
     bench.add_argument("--optimizers", nargs="+", default=None, metavar="OPTIMIZER")
@@ -153,9 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
     bench.add_argument("--export", nargs="+", choices=["tensorboard", "mlflow"], default=[],
                        help="also export every trial's curve (batched, after training)")
-    bench.add_argument("--rounds", type=int, default=3, help="(speed) interleaved rounds")
-    bench.add_argument("--speed-steps", type=int, default=30, help="(speed) timed steps per round")
     bench.set_defaults(func=cmd_bench)
+    # optional, so that plain `torchstep bench --suite …` is the sweep
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="{speed}",
+                                     help="`speed`: the step-time microbenchmark (its own flags; see "
+                                          "`torchstep bench speed -h`); without it, the sweep")
+    speed = bench_sub.add_parser("speed", help="step-time microbenchmark: optimizer.step() against torch AdamW",
+                                 description="Median ms per optimizer.step() on CPU (1 thread), every torchstep "
+                                             "optimizer against torch AdamW and pytorch-optimizer.")
+    speed.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    speed.add_argument("--steps", type=int, default=30, help="timed steps per candidate per round (default 30)")
+    speed.add_argument("--optimizers", nargs="+", default=None, metavar="OPTIMIZER",
+                       help="torchstep optimizers to time (default: all; torch AdamW is always timed)")
+    speed.add_argument("--out", default=None, metavar="FILE", help="also write the tables to FILE (markdown)")
+    speed.set_defaults(func=cmd_bench_speed)
     ws = sub.add_parser("width-sweep", help="μP spectral condition across widths (Muon++ vs Muon scales)")
     ws.add_argument("--widths", nargs="+", type=int, default=[64, 128, 256, 512])
     ws.add_argument("--steps", type=int, default=100)
@@ -168,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run the sub-command."""
     args = build_parser().parse_args(argv)
     args.func(args)
 

@@ -1,131 +1,18 @@
-"""``torchstep report DIR``: report.md + figures/*.png + CSV from ``DIR/results.sqlite``."""
+"""``torchstep report DIR``: report.md + figures/*.png + CSV from ``DIR/results.sqlite``.
+
+The numbers come from :func:`.analysis.analyse`, the plots from :mod:`.figures`; this module only writes.
+"""
 from __future__ import annotations
 
 import csv
 import json
 import math
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .arms import ARMS
-from .stats import R_MAX, performance_profile, summarise, time_to_target, verdict
-from .store import curves, trials
+from .analysis import analyse
+from .figures import write_figures
 from .tasks import TASKS
-
-
-def status_from_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    """Best tuning lr per (task, arm) from the seed-0 grid, and whether it sits on the grid's edge."""
-    grid = defaultdict(dict)
-    for r in rows:
-        if r["seed"] == 0:
-            grid[(r["task"], r["arm"])][r["lr"]] = r
-    out = {}
-    for key, points in grid.items():
-        ok = {lr: r for lr, r in points.items() if not r["diverged"]}
-        best = min(ok, key=lambda lr: ok[lr]["final_val"]) if ok else None
-        out[key] = {"best": best, "edge": best is not None and best in (min(points), max(points))}
-    return out
-
-
-def _colour(arm: str):
-    import matplotlib
-    names = list(ARMS)
-    return matplotlib.colormaps["tab20"](names.index(arm) % 20 if arm in names else 19)
-
-
-def analyse(db: Path) -> dict[str, Any]:
-    rows = trials(db)
-    summary = summarise(rows, status_from_rows(rows))
-    val_curves = curves(db, "val")
-    verdicts, targets, ttt = {}, {}, {}
-    for task, per_arm in summary.items():
-        verdicts[task] = verdict(per_arm)
-        adamw = per_arm.get("adamw", {})
-        if adamw.get("finals"):
-            targets[task] = float(np.median(list(adamw["finals"].values())))
-            ttt[task] = {}
-            for arm, e in per_arm.items():
-                hits = [time_to_target(val_curves.get(tid, []), targets[task]) for tid in e["trial_ids"].values()]
-                # median over seeds: finite when most seeds reach the target (AdamW's own median does)
-                e["steps_to_target"] = float(np.median([h[0] for h in hits])) if hits else math.inf
-                e["cpu_to_target"] = float(np.median([h[1] for h in hits])) if hits else math.inf
-                ttt[task][arm] = e["steps_to_target"]
-    return {"rows": rows, "summary": summary, "verdicts": verdicts, "targets": targets, "ttt": ttt,
-            "curves": val_curves}
-
-
-def _figures(a: dict[str, Any], fig_dir: Path) -> list[str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    made = []
-    for task, per_arm in a["summary"].items():
-        fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
-        for arm, e in per_arm.items():
-            seeds = [a["curves"].get(t, []) for t in e.get("trial_ids", {}).values()]
-            seeds = [c for c in seeds if c]
-            if seeds:
-                n = min(len(c) for c in seeds)
-                steps = np.array([p[0] for p in seeds[0][:n]])
-                vals = np.array([[p[1] for p in c[:n]] for c in seeds])
-                cpu = np.mean([[p[2] for p in c[:n]] for c in seeds], axis=0)
-                for ax, x in ((axes[0], steps), (axes[1], cpu)):
-                    ax.plot(x, vals.mean(0), color=_colour(arm), label=f"{arm} (lr {e['lr']:g})")
-                    ax.fill_between(x, vals.min(0), vals.max(0), color=_colour(arm), alpha=0.2)
-            grid = e["grid"]
-            if grid:
-                lrs, finals = zip(*grid)
-                axes[2].plot(lrs, finals, "o-", color=_colour(arm), label=arm)
-                div = [lr for lr in e["grid_diverged"]]
-                axes[2].plot(div, [dict(grid)[lr] for lr in div], "x", color="black", ms=9)
-        for ax, xlabel in zip(axes, ("step", "CPU seconds (1 thread)", "learning rate (seed 0; x = diverged)")):
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("val (lower is better)")
-            ax.set_yscale("log" if TASKS[task].known_optimum else "linear")
-        axes[2].set_xscale("log")
-        axes[0].set_title(f"{task}: loss vs step (mean, seed min–max band)")
-        axes[1].set_title("loss vs CPU time")
-        axes[2].set_title("LR sensitivity")
-        axes[2].legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        name = f"{task}.png"
-        fig.savefig(fig_dir / name, dpi=110)
-        plt.close(fig)
-        made.append(name)
-    # memory and step-time bars: one panel per task
-    tasks = list(a["summary"])
-    for metric, label, fname in (("state_bytes", "optimizer state (bytes)", "state_memory.png"),
-                                 ("opt_ms", "optimizer step (CPU ms, 1 thread)", "step_time.png")):
-        fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.6), squeeze=False)
-        for ax, task in zip(axes[0], tasks):
-            arms = [arm for arm, e in a["summary"][task].items() if metric in e]
-            ax.bar(range(len(arms)), [a["summary"][task][arm][metric] for arm in arms],
-                   color=[_colour(arm) for arm in arms])
-            ax.set_xticks(range(len(arms)), arms, rotation=70, fontsize=7)
-            ax.set_title(task, fontsize=9)
-        axes[0][0].set_ylabel(label)
-        fig.tight_layout()
-        fig.savefig(fig_dir / fname, dpi=110)
-        plt.close(fig)
-        made.append(fname)
-    if a["ttt"]:
-        taus = np.linspace(1, R_MAX, 61)
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for arm, rho in performance_profile(a["ttt"], taus).items():
-            ax.step(taus, rho, where="post", color=_colour(arm), label=arm)
-        ax.set_xlabel("τ (steps-to-target ratio to the best arm)")
-        ax.set_ylabel("fraction of tasks")
-        ax.set_title("Performance profile (target = tuned AdamW's median final val)")
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        fig.savefig(fig_dir / "performance_profile.png", dpi=110)
-        plt.close(fig)
-        made.append("performance_profile.png")
-    return made
 
 
 def _fmt(x: float) -> str:
@@ -133,6 +20,7 @@ def _fmt(x: float) -> str:
 
 
 def verdict_table(a: dict[str, Any]) -> str:
+    """The markdown verdict table (one row per task) of analysis ``a``: printed by ``torchstep bench``."""
     lines = ["| task | winner | mean ± 95% CI | runner-up | paired p | verdict |", "|---|---|---|---|---|---|"]
     for task, v in a["verdicts"].items():
         if v["winner"] is None:
@@ -144,14 +32,19 @@ def verdict_table(a: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write(out: str | Path) -> Path:
-    """Analyse ``out/results.sqlite`` and write ``report.md``, ``figures/``, ``runs.csv``, ``summary.csv``."""
+def write(out: str | Path, analysis: dict[str, Any] | None = None) -> Path:
+    """Write ``report.md``, ``figures/``, ``runs.csv`` and ``summary.csv`` into ``out``; returns report.md's path.
+
+    ``analysis`` is :func:`.analysis.analyse` of ``out/results.sqlite``; pass it when you already have it
+    (``torchstep bench`` does, to print its verdict table), else it is computed here.  Raises
+    ``FileNotFoundError`` when there is no database.
+    """
     out = Path(out)
     db = out / "results.sqlite"
     if not db.exists():
         raise FileNotFoundError(f"no results database at {db}; run `torchstep bench --out {out}` first")
-    a = analyse(db)
-    figures = _figures(a, out / "figures")
+    a = analyse(db) if analysis is None else analysis
+    figures = write_figures(a, out / "figures")
     with open(out / "runs.csv", "w", newline="") as fh:
         cols = [c for c in a["rows"][0] if c not in ("config", "env")] if a["rows"] else []
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")

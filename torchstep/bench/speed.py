@@ -6,11 +6,15 @@ interleaved over rounds so drift hits all of them alike, **median** ms per step 
 ratios to ``torch.optim.AdamW`` (for-loop, foreach and fused) measured in the same run, and to the
 same method in pip ``pytorch-optimizer`` when it is installed (its default execution path).
 
-Run: ``torchstep bench speed`` or ``python -m torchstep.bench.speed``.
+The candidates come from the one arms table, :data:`torchstep.bench.arms.ARMS`: every arm that is a
+registered torchstep optimizer is timed as configured for the benchmark (``arm.make(params,
+arm.default_lr)``), its ``arm.peer`` at the same lr.  Hybrid optimizers route the 1-D tensors to their
+own AdamW fallback, so every candidate gets all of :data:`SHAPES`.
+
+Run: ``torchstep bench speed [--rounds N] [--steps N] [--optimizers NAME ...] [--out FILE]``.
 """
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import time
@@ -19,16 +23,10 @@ from typing import Any, Callable
 import torch
 
 from ..registry import SPECS
+from .arms import ARMS
 
 #: 24 matrices, 24 vectors and two large blocks: 3.3M parameters, a small transformer's mix
 SHAPES = [(256, 256)] * 24 + [(256,)] * 24 + [(1024, 512)] * 2
-
-#: same method in pip pytorch-optimizer: (class name, constructor kwargs)
-PEERS = {"lion": ("Lion", {}), "adamp": ("AdamP", {}), "sgdp": ("SGDP", {"momentum": 0.9}),
-         "diffgrad": ("DiffGrad", {}), "spam": ("SPAM", {}), "stablespam": ("StableSPAM", {})}
-
-#: torchstep constructor kwargs for the timed configuration (matching the peers')
-OURS = {"sgdp": {"lr": 1e-3, "momentum": 0.9}}
 
 
 def _params(seed: int = 0, shapes=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -42,6 +40,9 @@ def _params(seed: int = 0, shapes=None) -> tuple[list[torch.Tensor], list[torch.
 
 
 def candidates() -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
+    """label → builder: torch AdamW's three paths (the reference), then per registered arm of
+    :data:`.arms.ARMS` ``torchstep NAME`` and, when pip ``pytorch-optimizer`` is installed and the arm names a
+    peer, ``pytorch-optimizer NAME`` (same lr)."""
     adamw = dict(lr=1e-3, weight_decay=1e-2)
     out: dict[str, Callable[[list[torch.Tensor]], Any]] = {
         "torch AdamW (for-loop)": lambda ps: torch.optim.AdamW(ps, foreach=False, **adamw),
@@ -52,16 +53,20 @@ def candidates() -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimiz
         import pytorch_optimizer as peer
     except ImportError:
         peer = None
-    for name, spec in SPECS.items():
-        out[f"torchstep {name}"] = lambda ps, spec=spec, name=name: spec.cls(ps, **OURS.get(name, {}))
-        if peer is not None and name in PEERS:
-            cls_name, kw = PEERS[name]
-            out[f"pytorch-optimizer {name}"] = lambda ps, c=getattr(peer, cls_name), kw=kw: c(ps, **kw)
+    for name, arm in ARMS.items():
+        if name not in SPECS:
+            continue
+        out[f"torchstep {name}"] = lambda ps, arm=arm: arm.make(ps, arm.default_lr)
+        if peer is not None and arm.peer is not None:
+            cls_name, kw = arm.peer
+            out[f"pytorch-optimizer {name}"] = (lambda ps, c=getattr(peer, cls_name), kw=kw, lr=arm.default_lr:
+                                                c(ps, lr=lr, **kw))
     return out
 
 
 def measure(selected: list[str] | None, rounds: int, steps: int, warmup: int = 3) -> dict[str, list[float]]:
-    """Interleaved timing; returns per-step milliseconds for each candidate."""
+    """Interleaved timing of :func:`candidates` (only the ``selected`` optimizers, plus torch AdamW, when
+    given); returns per-step milliseconds for each candidate.  Sets torch to 1 thread."""
     torch.set_num_threads(1)
     builders = candidates()
     if selected:
@@ -92,6 +97,7 @@ def _interleaved(setups: dict[str, tuple], rounds: int, steps: int, warmup: int)
 
 
 def table(times: dict[str, list[float]]) -> list[list[Any]]:
+    """Rows of :data:`HEADERS` from :func:`measure`'s times: median ms and ratios to torch AdamW and the peer."""
     med = {k: statistics.median(v) for k, v in times.items()}
     loop, fused = med["torch AdamW (for-loop)"], med["torch AdamW (fused)"]
     rows = []
@@ -110,18 +116,21 @@ MATRIX_SHAPES = [(256, 256)] * 16 + [(256, 1024)] * 4
 
 
 def muon_candidates() -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
-    from ..optim import Lanton, Muon, MuonPP, NorMuon
-    return {"torch.optim.Muon (per matrix, bf16 NS5)": lambda ps: torch.optim.Muon(ps, lr=0.02),
-            "torchstep Muon (batched, bf16 NS5)": lambda ps: Muon(ps, lr=0.02, weight_decay=0.1),
-            "torchstep Muon (batched, fp32 NS5)": lambda ps: Muon(ps, lr=0.02, ns_dtype="float32"),
-            "torchstep Muon (batched, Polar Express 5)": lambda ps: Muon(ps, lr=0.02, ns_preset="polar_express5"),
-            "torchstep NorMuon (batched, bf16 NS5)": lambda ps: NorMuon(ps, lr=0.02),
-            "torchstep MuonPP (batched, bf16 NS5)": lambda ps: MuonPP(ps, lr=0.02),
-            "torchstep Lanton (bf16 NS5, nuclear-norm noise: SVD)": lambda ps: Lanton(ps, lr=0.02),
-            "torchstep Lanton (bf16 NS5, Frobenius noise bound)": lambda ps: Lanton(ps, lr=0.02, noise_norm="frobenius")}
+    """label → builder for the Muon-family table: the arms' classes at lr 0.02 with their own defaults
+    (``arm.build``, not the benchmark kwargs), against ``torch.optim.Muon``."""
+    muon, lanton = ARMS["muon"].build, ARMS["lanton"].build
+    return {"torch.optim.Muon (per matrix, bf16 NS5)": lambda ps: ARMS["torch-muon"].build(ps, lr=0.02),
+            "torchstep Muon (batched, bf16 NS5)": lambda ps: muon(ps, lr=0.02, weight_decay=0.1),
+            "torchstep Muon (batched, fp32 NS5)": lambda ps: muon(ps, lr=0.02, ns_dtype="float32"),
+            "torchstep Muon (batched, Polar Express 5)": lambda ps: muon(ps, lr=0.02, ns_preset="polar_express5"),
+            "torchstep NorMuon (batched, bf16 NS5)": lambda ps: ARMS["normuon"].build(ps, lr=0.02),
+            "torchstep MuonPP (batched, bf16 NS5)": lambda ps: ARMS["muonpp"].build(ps, lr=0.02),
+            "torchstep Lanton (bf16 NS5, nuclear-norm noise: SVD)": lambda ps: lanton(ps, lr=0.02),
+            "torchstep Lanton (bf16 NS5, Frobenius noise bound)": lambda ps: lanton(ps, lr=0.02, noise_norm="frobenius")}
 
 
 def measure_muon(rounds: int, steps: int, threads: int = 1) -> dict[str, list[float]]:
+    """Interleaved timing of :func:`muon_candidates` on :data:`MATRIX_SHAPES` with ``threads`` torch threads."""
     torch.set_num_threads(threads)
     setups = {}
     for label, build in muon_candidates().items():
@@ -131,6 +140,7 @@ def measure_muon(rounds: int, steps: int, threads: int = 1) -> dict[str, list[fl
 
 
 def muon_table(times: dict[str, list[float]]) -> list[list[Any]]:
+    """Rows: median ms, speed-up over ``torch.optim.Muon`` and Newton–Schulz GFLOP/s per candidate."""
     from ..ops.newton_schulz import flops
     med = {k: statistics.median(v) for k, v in times.items()}
     ref = med["torch.optim.Muon (per matrix, bf16 NS5)"]
@@ -143,6 +153,8 @@ HEADERS = ["optimizer", "median ms/step", "× AdamW loop", "× AdamW fused", "py
 
 
 def main(rounds: int = 3, steps: int = 30, optimizers: list[str] | None = None, out: str | None = None) -> str:
+    """Print (and with ``out`` write) the step-time table, plus the Muon-family table when ``optimizers`` is
+    None or names ``muon``; returns the text.  ``torchstep bench speed`` calls this."""
     from tabulate import tabulate
     times = measure(optimizers, rounds, steps)
     n_params = sum(torch.Size(s).numel() for s in SHAPES)
@@ -167,12 +179,3 @@ def main(rounds: int = 3, steps: int = 30, optimizers: list[str] | None = None, 
             fh.write(text + "\n")
     return text
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--optimizers", nargs="*", default=None)
-    parser.add_argument("--out", default=None)
-    a = parser.parse_args()
-    main(a.rounds, a.steps, a.optimizers, a.out)

@@ -1,4 +1,8 @@
-"""Statistics for the report: paired seeds, confidence intervals, tests, time-to-target, profiles."""
+"""Statistics for the sweep and the report: best lr, paired seeds, confidence intervals, tests,
+time-to-target, profiles.
+
+SciPy is imported where a test needs it, so the sweep's worker processes (which import :func:`best_lr`
+through ``sweep``) do not pay for it."""
 from __future__ import annotations
 
 import math
@@ -6,7 +10,6 @@ from collections import defaultdict
 from typing import Any
 
 import numpy as np
-from scipy import stats as sps
 
 ALPHA = 0.05
 R_MAX = 4.0
@@ -14,6 +17,7 @@ R_MAX = 4.0
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95 % t-interval (0 for a single value)."""
+    from scipy import stats as sps
     x = np.asarray(values, dtype=float)
     if len(x) < 2:
         return float(x.mean()), 0.0
@@ -22,6 +26,7 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
 
 def paired_p(a: dict[int, float], b: dict[int, float]) -> float:
     """Two-sided paired t-test over the seeds both arms have (NaN if fewer than 2 pairs)."""
+    from scipy import stats as sps
     seeds = sorted(set(a) & set(b))
     if len(seeds) < 2:
         return float("nan")
@@ -29,6 +34,12 @@ def paired_p(a: dict[int, float], b: dict[int, float]) -> float:
     if np.allclose(x - y, 0):
         return 1.0
     return float(sps.ttest_rel(x, y).pvalue)
+
+
+def best_lr(results: dict[float, dict[str, Any]]) -> float | None:
+    """The lr whose non-diverged run has the lowest ``final_val`` (``lr → row``); None if every run diverged."""
+    ok = {lr: r for lr, r in results.items() if not r["diverged"]}
+    return min(ok, key=lambda lr: ok[lr]["final_val"]) if ok else None
 
 
 def summarise(rows: list[dict[str, Any]], status: dict) -> dict[str, dict[str, dict[str, Any]]]:

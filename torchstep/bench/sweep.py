@@ -26,6 +26,7 @@ from typing import Callable
 
 from .arms import ARMS, applicable, extend, lr_grid
 from .runner import resolve, run_trial
+from .stats import best_lr
 from .store import connect, trial_id, trials
 from .tasks import TASKS
 
@@ -44,11 +45,6 @@ class Suite:
 
     def budget(self, task: str) -> int:
         return (self.steps or {}).get(task, TASKS[task].steps)
-
-
-def best_lr(results: dict[float, dict]) -> float | None:
-    ok = {lr: r for lr, r in results.items() if not r["diverged"]}
-    return min(ok, key=lambda lr: ok[lr]["final_val"]) if ok else None
 
 
 def plan(suite: Suite, done: dict[str, dict]) -> tuple[list[dict], dict[tuple[str, str], dict]]:

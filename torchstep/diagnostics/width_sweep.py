@@ -6,6 +6,9 @@ output size at every width.  Every matrix goes to the optimizer's matrix rule.  
 each matrix, ``‖ΔW_t‖₂/s`` and ``‖W_t‖₂/s`` with ``s = √(d_out/d_in)`` (max over matrices and steps),
 the final loss, and the relative change of the last hidden features on a fixed batch — the quantity
 μP keeps Θ(1) (feature learning at every width).
+
+The optimizer is the caller's (``make_optimizer(matrices)``); the comparison in docs/width-sweep.md is
+``torchstep.bench.arms.WIDTH_SWEEP_ARMS``, run by ``torchstep width-sweep``.
 """
 from __future__ import annotations
 
@@ -16,11 +19,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..optim import Muon, MuonPP
-
 
 @dataclass(frozen=True)
 class WidthResult:
+    """One width's measurements (see the module docstring)."""
     width: int
     max_update_ratio: float     # max over matrices and steps of ‖ΔW‖₂ / √(d_out/d_in)
     max_weight_ratio: float     # max over matrices and steps of ‖W‖₂ / √(d_out/d_in)
@@ -40,6 +42,8 @@ def _mlp(d_in: int, width: int, d_out: int, generator: torch.Generator) -> nn.Se
 
 def run_width(make_optimizer: Callable[[list], torch.optim.Optimizer], width: int, steps: int = 100,
               d_in: int = 32, d_out: int = 8, batch: int = 128, seed: int = 0) -> WidthResult:
+    """Train the MLP of hidden width ``width`` on the teacher for ``steps`` steps with
+    ``make_optimizer(matrices)`` and return its spectral ratios, final loss and feature change."""
     g = torch.Generator().manual_seed(seed)
     teacher = _mlp(d_in, 64, d_out, torch.Generator().manual_seed(10_000 + seed))
     model = _mlp(d_in, width, d_out, g)
@@ -74,12 +78,6 @@ def run_width(make_optimizer: Callable[[list], torch.optim.Optimizer], width: in
 
 def sweep(make_optimizer: Callable[[list], torch.optim.Optimizer], widths=(64, 128, 256, 512),
           **kwargs) -> list[WidthResult]:
+    """:func:`run_width` at every width (``kwargs`` passed on)."""
     return [run_width(make_optimizer, w, **kwargs) for w in widths]
 
-
-# the comparison in docs/width-sweep.md: Muon++ against Muon's two common shape scales
-ARMS: dict[str, Callable[[list], torch.optim.Optimizer]] = {
-    "muonpp (lr 0.02, wd 0.1)": lambda ps: MuonPP(ps, lr=0.02, weight_decay=0.1, ns_dtype="float32"),
-    "muon original (lr 0.02)": lambda ps: Muon(ps, lr=0.02, ns_dtype="float32"),
-    "muon match_rms_adamw (lr 3e-3)": lambda ps: Muon(ps, lr=3e-3, adjust_lr="match_rms_adamw", ns_dtype="float32"),
-}
