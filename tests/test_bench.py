@@ -1,4 +1,5 @@
 """Benchmark harness: tasks, protocol, statistics, store, resume after kill, CLI errors."""
+import json
 import math
 import os
 import signal
@@ -175,59 +176,178 @@ def test_cli_bad_input_gets_one_line_errors(tmp_path):
     assert r.returncode == 2 and "no results database" in r.stderr
 
 
-def _wait_for_trials(db, n, timeout=120):
-    """Poll the results database until ``n`` trials are committed; returns their ids."""
-    deadline, ids = time.time() + timeout, set()
-    while time.time() < deadline and len(ids) < n:
-        time.sleep(0.2)
-        try:
-            ids = store.finished_ids(db) if db.exists() else set()
-        except sqlite3.OperationalError:
-            pass
-    return ids
+# A test-only sitecustomize for the sweep subprocess (its spawned workers inherit PYTHONPATH and import it too),
+# so the kill tests strike at a known point instead of racing the sweep:
+# * the first trial that any worker starts claims the hold (hold.json, created atomically, holds its pid, its
+#   parent's pid and its trial id) and then blocks, before training and so before committing anything, until
+#   the file `release` appears (or it is killed); every later trial, re-spawned workers' included, runs normally;
+# * the SIGINT handler writes `interrupted` before raising KeyboardInterrupt, so a test knows the main process
+#   has taken the interrupt.
+# Files live next to this module.  The real run_trial is wrapped lazily when torchstep.bench.sweep is imported
+# (that is where _run looks it up), so sys.path is complete by then; a sitecustomize this one shadows still runs.
+HOLD_HOOK = r'''
+import importlib.machinery, importlib.util, json, os, signal, sys, time
 
+_here = os.path.dirname(os.path.abspath(__file__))
+_hold, _release = os.path.join(_here, "hold.json"), os.path.join(_here, "release")
+
+
+def _held(real, trial_id):
+    def run_trial(config, db_path=None):
+        import multiprocessing
+        if multiprocessing.parent_process() is not None:          # only ever in a worker
+            claim = f"{_hold}.{os.getpid()}"
+            with open(claim, "w") as fh:
+                json.dump({"pid": os.getpid(), "ppid": os.getppid(), "trial_id": trial_id(config)}, fh)
+            try:
+                os.link(claim, _hold)                             # atomic: exactly one trial claims the hold
+                claimed = True
+            except FileExistsError:
+                claimed = False
+            finally:
+                os.unlink(claim)
+            while claimed and not os.path.exists(_release):
+                time.sleep(0.05)
+        return real(config, db_path)
+    return run_trial
+
+
+class _Finder:
+    def find_spec(self, name, path=None, target=None):
+        if name != "torchstep.bench.sweep":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+        if spec is None:
+            return None
+        exec_module = spec.loader.exec_module
+
+        def exec_and_wrap(module):
+            exec_module(module)
+            module.run_trial = _held(module.run_trial, module.trial_id)
+        spec.loader.exec_module = exec_and_wrap
+        return spec
+
+
+sys.meta_path.insert(0, _Finder())
+
+
+def _on_sigint(signum, frame):
+    open(os.path.join(_here, "interrupted"), "w").close()
+    signal.default_int_handler(signum, frame)
+
+
+signal.signal(signal.SIGINT, _on_sigint)
+
+_shadowed = importlib.machinery.PathFinder.find_spec(
+    "sitecustomize", [p for p in sys.path if os.path.abspath(p or ".") != _here])
+if _shadowed is not None:
+    _shadowed.loader.exec_module(importlib.util.module_from_spec(_shadowed))
+'''
 
 SMOKE = ["bench", "--suite", "smoke", "--tasks", "quadratic", "--optimizers", "adamw", "lion", "--workers", "2",
          "--quiet"]
+SMOKE_SUITE = sweep.Suite(("quadratic",), ("adamw", "lion"), seeds=3, steps=sweep.SUITES["smoke"].steps)
 
 
-def test_sweep_killed_with_sigkill_resumes_without_loss_or_duplicates(tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "torchstep.cli", *SMOKE, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    db = out / "results.sqlite"
-    before = _wait_for_trials(db, 3)
-    os.killpg(proc.pid, signal.SIGKILL)                   # main process and its workers, mid-sweep
-    proc.wait()
-    assert len(before) >= 3
+def _finished(db):
+    try:
+        return store.finished_ids(db) if db.exists() else set()
+    except sqlite3.OperationalError:   # the database is being created
+        return set()
+
+
+class HeldSweep:
+    """``torchstep bench`` (SMOKE) in its own process group, with HOLD_HOOK loaded into it and its workers."""
+
+    def __init__(self, tmp_path):
+        self.hook, self.out = tmp_path / "hook", tmp_path / "run"
+        self.db = self.out / "results.sqlite"
+        self.hook.mkdir()
+        (self.hook / "sitecustomize.py").write_text(HOLD_HOOK)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(self.hook), os.environ.get("PYTHONPATH")]))}
+        self.stdout, self.stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+        with open(self.stdout, "w") as out, open(self.stderr, "w") as err:   # files, not pipes: nothing can fill up
+            self.proc = subprocess.Popen([sys.executable, "-m", "torchstep.cli", *SMOKE, "--out", str(self.out)],
+                                         stdout=out, stderr=err, env=env, start_new_session=True)
+
+    def wait_for(self, condition, what, timeout=120):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.proc.poll() is None, f"sweep exited ({self.proc.returncode}) before {what}:\n" \
+                                             f"{self.stderr.read_text()}"
+            assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+            time.sleep(0.05)
+
+    def held(self):
+        """Wait until a worker is blocked inside its first trial; {pid, ppid, trial_id} of that trial."""
+        self.wait_for((self.hook / "hold.json").exists, "worker holding a trial")
+        held = json.loads((self.hook / "hold.json").read_text())
+        assert held["ppid"] == self.proc.pid             # a worker of this sweep
+        assert held["trial_id"] not in _finished(self.db)  # blocked before training: still owed to the sweep
+        return held
+
+    def finish(self, timeout=300):
+        """Wait for the sweep to exit; (returncode, stdout, stderr)."""
+        rc = self.proc.wait(timeout=timeout)
+        return rc, self.stdout.read_text(), self.stderr.read_text()
+
+    def close(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)     # whatever is left of the group, held worker included
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+@pytest.fixture
+def held_sweep(tmp_path):
+    run = HeldSweep(tmp_path)
+    yield run
+    run.close()
+
+
+def test_sweep_killed_with_sigkill_resumes_without_loss_or_duplicates(held_sweep):
+    out, db = held_sweep.out, held_sweep.db
+    held = held_sweep.held()
+    held_sweep.wait_for(lambda: len(_finished(db)) >= 3, "three committed trials")  # the other worker's
+    os.killpg(held_sweep.proc.pid, signal.SIGKILL)       # main process and its workers, mid-sweep
+    held_sweep.proc.wait()
     snapshot = {r["trial_id"]: r["final_val"] for r in store.trials(db)}
-    r = _cli(*SMOKE, "--out", str(out))
+    assert len(snapshot) >= 3 and held["trial_id"] not in snapshot
+    assert sweep.plan(SMOKE_SUITE, {r["trial_id"]: r for r in store.trials(db)})[0]   # work was left over
+    r = _cli(*SMOKE, "--out", str(out))                   # resume, without the hook
     assert r.returncode == 0, r.stderr
     rows = store.trials(db)
     ids = [row["trial_id"] for row in rows]
     assert len(ids) == len(set(ids))                       # no duplicates
     assert all(tid in ids for tid in snapshot)             # nothing finished was lost
     assert all(row["final_val"] == snapshot[row["trial_id"]] for row in rows if row["trial_id"] in snapshot)
-    expected, _ = sweep.plan(sweep.Suite(("quadratic",), ("adamw", "lion"), seeds=3,
-                                         steps=sweep.SUITES["smoke"].steps), {})
+    assert held["trial_id"] in ids                         # the trial cut off by the kill was run again
+    expected, _ = sweep.plan(SMOKE_SUITE, {})
     assert len(rows) >= len(expected) + 2                  # full grids plus paired finals for both arms
+    assert not sweep.plan(SMOKE_SUITE, {row["trial_id"]: row for row in rows})[0]
     assert "report: " in r.stdout and (out / "report.md").exists() and (out / "figures" / "quadratic.png").exists()
     again = _cli(*SMOKE, "--out", str(out))                 # a third run finds nothing to do
     assert again.returncode == 0 and len(store.trials(db)) == len(rows)
 
 
-def test_sweep_interrupted_with_sigint_keeps_finished_trials(tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "torchstep.cli", *SMOKE, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    db = out / "results.sqlite"
-    _wait_for_trials(db, 2)
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=60)
+def test_sweep_interrupted_with_sigint_keeps_finished_trials(held_sweep):
+    db = held_sweep.db
+    held_sweep.held()
+    held_sweep.wait_for(lambda: len(_finished(db)) >= 2, "two committed trials")
+    held_sweep.proc.send_signal(signal.SIGINT)
+    held_sweep.wait_for((held_sweep.hook / "interrupted").exists, "SIGINT taken by the sweep")
+    (held_sweep.hook / "release").touch()                # the held trial may finish now; nothing new may start
+    rc, _, stderr = held_sweep.finish(timeout=60)
+    assert rc != 0 and "KeyboardInterrupt" in stderr, stderr
     kept = store.finished_ids(db)
     assert len(kept) >= 2
-    r = _cli(*SMOKE, "--out", str(out))
-    assert r.returncode == 0 and kept <= store.finished_ids(db)
+    assert sweep.plan(SMOKE_SUITE, {r["trial_id"]: r for r in store.trials(db)})[0]   # it stopped short
+    r = _cli(*SMOKE, "--out", str(held_sweep.out))
+    assert r.returncode == 0 and kept <= store.finished_ids(db), r.stderr
+    assert not sweep.plan(SMOKE_SUITE, {row["trial_id"]: row for row in store.trials(db)})[0]
 
 
 def test_ray_backend_matches_the_local_backend(tmp_path):
@@ -269,26 +389,16 @@ def test_gpt_bytes_trial_with_options_runs_every_special_path(tmp_path, arm):
         resolve("gpt-bytes", arm, 3e-3, 0, 20, "tune", {"widht": 3})
 
 
-def test_sigkill_of_a_worker_is_survived(tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "torchstep.cli", *SMOKE, "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_trials(out / "results.sqlite", 2)
-    db, killed, deadline = out / "results.sqlite", False, time.time() + 60
-    while not killed and time.time() < deadline:
-        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        workers = [pid for pid in children
-                   if "spawn_main" in open(f"/proc/{pid}/cmdline").read().replace("\0", " ")]
-        if workers:
-            os.kill(int(workers[0]), signal.SIGKILL)
-            killed = True
-    stdout, stderr = proc.communicate(timeout=300)
-    assert killed and proc.returncode == 0, stderr
-    assert "worker process died" in stderr and "report: " in stdout
-    rows = store.trials(db)
+def test_sigkill_of_a_worker_is_survived(held_sweep):
+    held = held_sweep.held()                              # a worker provably inside a trial the sweep still needs
+    os.kill(held["pid"], signal.SIGKILL)
+    rc, stdout, stderr = held_sweep.finish()
+    assert rc == 0, stderr
+    assert stderr.count("worker process died") == 1 and "report: " in stdout, stderr
+    rows = store.trials(held_sweep.db)
     assert len({r["trial_id"] for r in rows}) == len(rows)
-    assert not sweep.plan(sweep.Suite(("quadratic",), ("adamw", "lion"), seeds=3,
-                                      steps=sweep.SUITES["smoke"].steps), {r["trial_id"]: r for r in rows})[0]
+    assert held["trial_id"] in {r["trial_id"] for r in rows}
+    assert not sweep.plan(SMOKE_SUITE, {r["trial_id"]: r for r in rows})[0]
 
 
 def test_mlflow_export_logs_one_run_per_trial_in_batches(tmp_path):

@@ -19,6 +19,7 @@ def classp_update(p, grad, state, group) -> None:
         p.add_(grad / (grad_sum + eps).pow_(1.0 / power), alpha=-lr)
         return
     grad_sum.add_(grad.abs().pow_(power) if power != 1 else grad.abs())   # every coordinate is charged
+    grad_sum.clamp_max_(torch.finfo(grad_sum.dtype).max)     # saturate: an inf sum would freeze the coordinate
     # where(), not a 0/1 product: (ε + S)^(1/p) underflows to 0 for small p, and inf·0 would be NaN
     step = torch.where(grad.square() > group["threshold"], (grad_sum + eps).pow_(1.0 / power).reciprocal_().mul_(grad),
                        0.0)

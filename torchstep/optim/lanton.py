@@ -50,7 +50,9 @@ def _direction(grad, state, group):
         sample = grad - state["momentum_buffer"] / (1 - beta1 ** (t - 1)) if t >= 2 else None
     if sample is not None:
         noise = state["noise_sq"]
-        noise.lerp_(dual_norm(sample, group).square().to(noise.dtype), 1 - group["beta2"])
+        # saturate instead of overflowing: ‖D‖²_* of a huge (still finite) gradient can exceed the float range
+        squared = dual_norm(sample, group).square().to(noise.dtype).clamp_max(torch.finfo(noise.dtype).max)
+        noise.lerp_(squared, 1 - group["beta2"])
     return momentum_direction(grad, state, group)
 
 
@@ -67,6 +69,7 @@ def layer_factors(states, group) -> list:
     if not states or step_of(states[0]) < 2 or len(states) < 2:
         return [None] * len(states)
     noise = torch.stack([s["noise_sq"] for s in states])     # bias correction cancels in the ratio
+    # noise is finite (saturated, see _direction), so a mean that overflows gives inf/finite → factor 1, never NaN
     ratio = (noise.mean() / noise.clamp_min(torch.finfo(noise.dtype).tiny)).sqrt().clamp_max(1.0)
     return list(torch.where(noise > 0, ratio, torch.ones_like(ratio)).unbind())
 

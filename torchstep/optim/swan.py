@@ -13,8 +13,13 @@ from .matrix import MatrixRule
 
 
 def grad_norm(G: Tensor, eps: float = 1e-8) -> Tensor:
-    """Per-row standardisation over the input dimension (mean 0, variance 1)."""
-    return (G - G.mean(-1, keepdim=True)) / G.std(-1, keepdim=True, correction=0).clamp_min(eps)
+    """Per-row standardisation over the input dimension (mean 0, variance 1).
+
+    The std is floored at ``eps·max(1, |mean|)``: a (near-)constant row's centred values are rounding
+    residuals of size ulp(mean), which an absolute floor would blow up to ~ulp(mean)/eps."""
+    mean = G.mean(-1, keepdim=True)
+    floor = mean.abs().clamp_min(1.0).mul_(eps)
+    return (G - mean) / torch.maximum(G.std(-1, keepdim=True, correction=0), floor)
 
 
 def _lmo(matrices, group):
