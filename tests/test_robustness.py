@@ -281,13 +281,17 @@ def test_parameter_with_grad_none_is_untouched_and_stateless(spec, kwargs, _id):
 
 
 # ---------------------------------------------------------------------- e) unused parameters
-@pytest.mark.parametrize("spec,kwargs,_id", HESSIAN, ids=[c[2] for c in HESSIAN])
-def test_hessian_refresh_with_unused_parameter(spec, kwargs, _id):
+def with_unused_parameters(spec, kwargs):
+    """(model, shapes, optimizer, unused parameters by name, their values) for a model with unused tensors."""
     model = make_model(unused=True)
-    shapes = shapes_of(model)
     opt = spec.cls(list(model.parameters()), **kwargs)
     unused = {"unused_matrix": model.unused_matrix, "unused_vector": model.unused_vector}
-    before = {n: p.detach().clone() for n, p in unused.items()}
+    return model, shapes_of(model), opt, unused, {n: p.detach().clone() for n, p in unused.items()}
+
+
+@pytest.mark.parametrize("spec,kwargs,_id", HESSIAN, ids=[c[2] for c in HESSIAN])
+def test_hessian_refresh_with_unused_parameter(spec, kwargs, _id):
+    model, shapes, opt, unused, before = with_unused_parameters(spec, kwargs)
     for k in range(3):
         real_step(opt, model, k)           # refresh (unused parameter not in the graph), then step
         assert_healthy(opt, model, torch.float32, shapes)
@@ -301,11 +305,7 @@ def test_hessian_refresh_with_unused_parameter(spec, kwargs, _id):
 
 @every_config
 def test_step_with_closure_and_unused_parameter(spec, kwargs, _id):
-    model = make_model(unused=True)
-    shapes = shapes_of(model)
-    opt = spec.cls(list(model.parameters()), **kwargs)
-    unused = {"unused_matrix": model.unused_matrix, "unused_vector": model.unused_vector}
-    before = {n: p.detach().clone() for n, p in unused.items()}
+    model, shapes, opt, unused, before = with_unused_parameters(spec, kwargs)
     for k in range(2):
         def closure(k=k):
             opt.zero_grad(set_to_none=True)
