@@ -190,10 +190,10 @@ class TorchstepOptimizer(torch.optim.Optimizer):
         bf16/fp16: ‖g‖ ≳ 1.8e19), which would make g² or ‖g‖ inf inside the rules."""
         if not grads:
             return []
-        sums = [torch.linalg.vector_norm(g, dtype=torch.float32) if g.dtype in _LOW_PRECISION
-                else torch.linalg.vector_norm(g) for g in grads]
-        device = sums[0].device
-        return torch.stack([s.to(device=device, dtype=torch.float64) for s in sums]).isfinite().tolist()
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float32) if g.dtype in _LOW_PRECISION
+                 else torch.linalg.vector_norm(g) for g in grads]
+        device = norms[0].device
+        return torch.stack([n.to(device=device, dtype=torch.float64) for n in norms]).isfinite().tolist()
 
     def _finite_only(self, items: list[tuple[dict[str, Any], Tensor, Tensor]], what: str
                      ) -> list[tuple[dict[str, Any], Tensor, Tensor]]:

@@ -43,7 +43,9 @@ def _direction(grad, state, group):
     """Update the noise EMA from this step's noise sample, then the momentum (the paper's B)."""
     t, beta1 = step_of(state), group["momentum"]
     if group["noise_estimator"] == "previous_gradient":
-        previous = state.setdefault("previous_grad", torch.zeros_like(grad))
+        if "previous_grad" not in state:     # a checkpoint written with the innovation estimator
+            state["previous_grad"] = torch.zeros_like(grad)
+        previous = state["previous_grad"]
         sample = grad - previous if t >= 2 else None
         previous.copy_(grad)
     else:   # innovation against the bias-corrected momentum of the previous step

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from ..ops.hessian import hutchinson_diagonal_groups
-from ._base import ElementwiseRule, TorchstepOptimizer, check_choice, check_range, decay_, scalar, zeros_state
+from ._base import (_LOW_PRECISION, ElementwiseRule, TorchstepOptimizer, check_choice, check_range, decay_, scalar,
+                    zeros_state)
 
 
 def _sophia_update(denominator):
@@ -122,7 +123,7 @@ class SophiaG(_Sophia):
     def update_hessian(self) -> None:
         """``h ← β2 h + (1−β2) ĝ⊙ĝ`` from the current ``.grad`` (the GNB loss's gradient)."""
         # square in fp32: a bf16/fp16 gradient of 1e-4 squares to 0 in fp16 before reaching fp32 state
-        self._accumulate_hessian([(g, p, p.grad.float().square() if p.grad.dtype in (torch.float16, torch.bfloat16)
+        self._accumulate_hessian([(g, p, p.grad.float().square() if p.grad.dtype in _LOW_PRECISION
                                    else p.grad.square()) for g in self.param_groups for p in g["params"]
                                   if p.grad is not None])
 
