@@ -172,4 +172,49 @@ FIXTURES: dict[str, Fixture] = {f.name: f for f in [
         configs=(({}, "default"), ({"ns_steps": 5}, "5 NS steps"), ({"rescale": False, "lr": 2e-2}, "no rescale")),
         invalid=_COMMON_INVALID + _WD_INVALID + (({"ns_steps": 0}, "ns_steps"), ({"rescale": 1}, "rescale")),
         quadratic_lr=2e-2, rosenbrock_lr=2e-2),
+    Fixture(
+        "galore",
+        base_kwargs={"rank": 2, "update_proj_gap": 3},
+        configs=(({}, "adamw rank 2"), ({"moments": "reproject", "weight_decay": 0.1}, "reproject + wd"),
+                 ({"moments": "reset", "proj_type": "reverse_std"}, "reset, reverse_std"),
+                 ({"proj_type": "full", "scale": 1.0}, "two-sided"), ({"compat": "official"}, "official"),
+                 ({"base": "lion", "betas": (0.9, 0.99)}, "lion base"),
+                 ({"base": "adafactor"}, "adafactor base"), ({"maximize": True}, "maximize")),
+        invalid=_COMMON_INVALID + _BETAS_INVALID + _EPS_INVALID + _WD_INVALID +
+        (({"rank": 0}, "rank"), ({"update_proj_gap": 0}, "update_proj_gap"), ({"scale": 0.0}, "scale"),
+         ({"proj_type": "x"}, "proj_type"), ({"moments": "x"}, "moments"), ({"compat": "x"}, "compat"),
+         ({"base": "x"}, "base"), ({"compat": "official", "moments": "reset"}, "moments")),
+        quadratic_lr=1e-1, rosenbrock_lr=2e-2),
+    Fixture(
+        "fira",
+        base_kwargs={"rank": 2, "update_proj_gap": 3},
+        configs=(({}, "paper"), ({"compat": "official"}, "official"), ({"scaling": "matrix"}, "matrix scaling"),
+                 ({"moments": "reproject", "weight_decay": 0.1}, "reproject + wd"), ({"maximize": True}, "maximize")),
+        invalid=_COMMON_INVALID + _BETAS_INVALID + _EPS_INVALID + _WD_INVALID +
+        (({"gamma": 0.5}, "gamma"), ({"scaling": "x"}, "scaling"), ({"proj_type": "full"}, "proj_type"),
+         ({"base": "lion"}, "base"), ({"rank": -1}, "rank")),
+        quadratic_lr=1e-1, rosenbrock_lr=2e-2),
+    Fixture(
+        "frugal",
+        base_kwargs={"update_gap": 3, "density": 0.5},
+        configs=(({}, "block descending"), ({"block_order": "random", "weight_decay": 0.1}, "block random + wd"),
+                 ({"projection": "coordinate"}, "coordinate cols"),
+                 ({"projection": "coordinate", "coord_choice": "entries", "reset_statistics": False}, "entries"),
+                 ({"projection": "svd"}, "svd"), ({"projection": "random", "inactive_update_rule": "sgd"}, "random"),
+                 ({"density": 0.0, "inactive_lr_scale": 0.1}, "state-free"), ({"maximize": True}, "maximize")),
+        invalid=_COMMON_INVALID + _BETAS_INVALID + _EPS_INVALID + _WD_INVALID +
+        (({"density": 1.5}, "density"), ({"update_gap": 0}, "update_gap"), ({"projection": "x"}, "projection"),
+         ({"block_order": "x"}, "block_order"), ({"coord_choice": "x"}, "coord_choice"),
+         ({"inactive_update_rule": "x"}, "inactive_update_rule"), ({"inactive_lr_scale": -1.0}, "inactive_lr_scale"),
+         ({"proj_lr_scale": -1.0}, "proj_lr_scale"), ({"reset_statistics": 1}, "reset_statistics"),
+         ({"seed": 0.5}, "seed"), ({"block_order": "mirror", "density": 0.7}, "block_order")),
+        quadratic_lr=1e-1, rosenbrock_lr=2e-2),
+    Fixture(
+        "gradnormlorp",
+        base_kwargs={"rank": 2, "update_proj_gap": 3},
+        configs=(({}, "paper"), ({"compat": "official"}, "official"), ({"weight_decay": 0.1}, "wd"),
+                 ({"maximize": True}, "maximize")),
+        invalid=_COMMON_INVALID + _BETAS_INVALID + _EPS_INVALID + _WD_INVALID +
+        (({"rank": 0}, "rank"), ({"compat": "x"}, "compat"), ({"update_proj_gap": -1}, "update_proj_gap")),
+        quadratic_lr=1e-1, rosenbrock_lr=2e-2),
 ]}

@@ -20,8 +20,11 @@ IDS = [c[2] for c in CONFIGS]
 
 def converging(spec, desc):
     # CLASSP's default threshold (g² > 0.5) deliberately freezes coordinates with small
-    # gradients; its sparsity is tested in test_classp.py instead.
-    return not (spec.name == "classp" and desc == "default threshold")
+    # gradients; its sparsity is tested in test_classp.py instead.  GradNormLoRP's official mode
+    # weight-normalises every tensor, and the problems start at x = 0, which has no direction: it stays 0
+    # (the official code makes it NaN) — tested in test_lowrank.py.
+    return not ((spec.name == "classp" and desc == "default threshold") or
+                (spec.name == "gradnormlorp" and desc == "official"))
 
 
 def linear_decay(opt, steps):
@@ -194,7 +197,8 @@ def test_dtypes_shapes_and_low_precision_state_policy(spec, kwargs, _id, dtype):
         in_order = lambda o: [q for g in o.param_groups for q in g["params"]]  # noqa: E731 (hybrids split groups)
         for p_old, p_new in zip(in_order(opt), in_order(fresh)):
             for key, value in opt.state[p_old].items():
-                assert torch.equal(fresh.state[p_new][key], value)
+                loaded = fresh.state[p_new][key]
+                assert torch.equal(loaded, value) if torch.is_tensor(value) else loaded == value
 
 
 @pytest.mark.parametrize("spec,bad,argname", [(s, bad, arg) for s in SPECS.values() for bad, arg in s.invalid],

@@ -29,6 +29,26 @@ FALLBACK_LABELS = (EMBEDDING, HEAD, NO_DECAY)   # never a matrix-only rule
 def tensor_label(p) -> str:
     """The label of a tensor seen without its module: ``matrix`` if ``ndim >= 2``, else ``no_decay``."""
     return MATRIX if p.dim() >= 2 else NO_DECAY
+
+
+def split_by_tensor_label(group: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``(label, sub-group)`` pairs of a group seen without its modules (:func:`tensor_label` per tensor),
+    ``param_names`` split alongside; labels in sorted order (``matrix`` before ``no_decay``), so group
+    order is stable.  Hybrid optimizers use it for a plain parameter list."""
+    params = group["params"]
+    params = [params] if hasattr(params, "dim") else list(params)
+    names = group.get("param_names")
+    split: dict[str, list[int]] = {}
+    for i, p in enumerate(params):
+        split.setdefault(tensor_label(p), []).append(i)
+    out = []
+    for label in sorted(split):
+        idx = split[label]
+        sub = {**group, "params": [params[i] for i in idx]}
+        if names is not None:
+            sub["param_names"] = [names[i] for i in idx]
+        out.append((label, sub))
+    return out
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase,
                nn.RMSNorm)
 
@@ -106,6 +126,6 @@ def as_params(model_or_params: Any, **kwargs: Any) -> Any:
     return model_or_params
 
 
-__all__ = ["classify", "param_groups", "routing_report", "as_params", "tensor_label", "DEFAULT_HEAD_PATTERN",
+__all__ = ["classify", "param_groups", "routing_report", "as_params", "tensor_label", "split_by_tensor_label", "DEFAULT_HEAD_PATTERN",
            "MATRIX", "EMBEDDING", "HEAD", "NO_DECAY", "LABELS", "FALLBACK_LABELS"]
 

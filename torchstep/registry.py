@@ -25,6 +25,7 @@ class Family(str, Enum):
     SECOND_ORDER = "second-order"
     ORTHOGONALIZED = "orthogonalized"
     STATELESS = "stateless"
+    LOW_RANK = "low-rank"
 
     def __str__(self) -> str:
         return self.value
@@ -64,6 +65,10 @@ SPECS: dict[str, OptimizerSpec] = {s.name: s for s in [
     OptimizerSpec("lanton", optim.Lanton, F.ORTHOGONALIZED, "2510.14009", reconstructed=True),
     OptimizerSpec("sinkgd", optim.SinkGD, F.STATELESS, "2502.06742"),
     OptimizerSpec("swan", optim.SWAN, F.STATELESS, "2412.13148"),
+    OptimizerSpec("galore", optim.GaLore, F.LOW_RANK, "2403.03507", parity="galore-torch"),
+    OptimizerSpec("fira", optim.Fira, F.LOW_RANK, "2410.01623", parity="fira"),
+    OptimizerSpec("frugal", optim.Frugal, F.LOW_RANK, "2411.07837"),
+    OptimizerSpec("gradnormlorp", optim.GradNormLoRP, F.LOW_RANK, "2412.19616", reconstructed=True),
 ]}
 
 

@@ -4,9 +4,14 @@ from .adamp import AdamP, SGDP
 from .adamw import AdamW
 from .classp import CLASSP
 from .diffgrad import DiffGrad
+from .fira import Fira
+from .frugal import Frugal
+from .galore import GaLore, ProjectedOptimizer, ProjectedRule
+from .gradnormlorp import GradNormLoRP
 from .hybrid import MatrixHybrid
 from .lanton import Lanton
 from .lion import Lion
+from .lowrank import BASES, LowRankBase, register_base
 from .matrix import MatrixRule
 from .muon import Muon
 from .muonpp import MuonPP
@@ -20,4 +25,5 @@ from .wrapper import OptimizerWrapper
 
 __all__ = ["TorchstepOptimizer", "Rule", "ElementwiseRule", "MatrixRule", "MatrixHybrid", "OptimizerWrapper",
            "AdamW", "Lion", "AdamP", "SGDP", "DiffGrad", "SophiaG", "SophiaH", "SPAM", "StableSPAM", "CLASSP", "Muon",
-           "NorMuon", "MuonPP", "Lanton", "SinkGD", "SWAN", "Spectra"]
+           "NorMuon", "MuonPP", "Lanton", "SinkGD", "SWAN", "Spectra", "GaLore", "Fira", "Frugal", "GradNormLoRP",
+           "ProjectedOptimizer", "ProjectedRule", "LowRankBase", "BASES", "register_base"]

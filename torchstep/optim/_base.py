@@ -246,10 +246,16 @@ class TorchstepOptimizer(torch.optim.Optimizer):
         for _, _, state in items:
             state["step"] += 1
         works = [w for w, _, _ in items]
-        self.rule_for(group).update(works, [g for _, g, _ in items], [s for _, _, s in items], group)
+        self._apply_rule(group, params, works, [g for _, g, _ in items], [s for _, _, s in items])
         for p, work in zip(params, works):
             if work is not p:
                 p.copy_(work)
+
+    def _apply_rule(self, group: dict[str, Any], params: list[Tensor], works: list[Tensor], grads: list[Tensor],
+                    states: list[dict[str, Any]]) -> None:
+        """Run the group's rule on the working tensors (``params`` are the live parameters, for rules that
+        need a tensor's position in its group)."""
+        self.rule_for(group).update(works, grads, states, group)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -276,16 +282,19 @@ class TorchstepOptimizer(torch.optim.Optimizer):
                 s["step"] = torch.tensor(float(s["step"]))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch casts floating state to the parameter dtype; keep our fp32 state for bf16/fp16."""
+        """torch casts every state tensor to the parameter dtype; keep our fp32 state for bf16/fp16
+        parameters and integer state (index sets of coordinate projections) as integers."""
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         live = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, live):
             saved = state_dict["state"].get(pid)
-            if saved is None or p.dtype not in _LOW_PRECISION:
+            if saved is None:
                 continue
             for key, value in saved.items():
-                if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                if key == "step" or not torch.is_tensor(value):
+                    continue
+                if not value.is_floating_point() or p.dtype in _LOW_PRECISION:
                     self.state[p][key] = value.to(device=p.device, copy=True)
 
 

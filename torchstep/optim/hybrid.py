@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..partition import FALLBACK_LABELS, MATRIX, tensor_label
+from ..partition import FALLBACK_LABELS, MATRIX, split_by_tensor_label
 from ._base import Rule, TorchstepOptimizer, check_choice, check_range
 from .adamw import ADAMW
 from .matrix import MatrixRule
@@ -60,15 +60,7 @@ class MatrixHybrid(TorchstepOptimizer):
             group.pop("use_muon", None), group.pop("use_fallback", None)
             return super().add_param_group({**self._fallback_keys(group, algo), **group, "params": params,
                                             "algo": algo})
-        names = group.get("param_names")
-        split: dict[str, list[int]] = {}
-        for i, p in enumerate(params):
-            split.setdefault(tensor_label(p), []).append(i)
-        for label in sorted(split):          # "matrix" before "no_decay": group order is stable
-            idx = split[label]
-            sub = {**group, "params": [params[i] for i in idx]}
-            if names is not None:
-                sub["param_names"] = [names[i] for i in idx]
+        for label, sub in split_by_tensor_label({**group, "params": params}):
             algo = self.matrix_rule.name if label == MATRIX else self.fallback_rule.name
             super().add_param_group({**self._fallback_keys(sub, algo), **sub, "algo": algo})
 

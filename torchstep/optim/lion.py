@@ -8,13 +8,18 @@ import torch
 from ._base import ElementwiseRule, TorchstepOptimizer, decay_, scalar, zeros_state
 
 
+def lion_direction(grad, exp_avg, betas) -> torch.Tensor:
+    """``sign(β1 m + (1−β1) g)``, then ``m ← β2 m + (1−β2) g`` in place (also a low-rank projection base)."""
+    beta1, beta2 = betas
+    direction = exp_avg.lerp(grad, 1.0 - beta1).sign_()
+    exp_avg.lerp_(grad, 1.0 - beta2)
+    return direction
+
+
 def lion_update(p, grad, state, group) -> None:
     lr = scalar(group["lr"])
-    beta1, beta2 = group["betas"]
-    exp_avg = state["exp_avg"]
     decay_(p, lr, group["weight_decay"])
-    p.add_(exp_avg.lerp(grad, 1.0 - beta1).sign_(), alpha=-lr)
-    exp_avg.lerp_(grad, 1.0 - beta2)
+    p.add_(lion_direction(grad, state["exp_avg"], group["betas"]), alpha=-lr)
 
 
 LION = ElementwiseRule("lion", lion_update, init=zeros_state("exp_avg"))
