@@ -381,7 +381,8 @@ def test_tensorboard_export_writes_every_trial(tmp_path):
     assert len(vals) == 21 and vals[-1] == pytest.approx(row["final_val"], rel=1e-6)
 
 
-@pytest.mark.parametrize("arm", ["sophiah", "sophiag", "muon", "torch-muon", "sinkgd", "swan"])
+@pytest.mark.parametrize("arm", ["sophiah", "sophiag", "muon", "torch-muon", "sinkgd", "swan", "galore", "frugal",
+                                 "gradnormlorp"])
 def test_gpt_bytes_trial_with_options_runs_every_special_path(tmp_path, arm):
     opts = {"width": 32, "depth": 1, "heads": 2, "context": 32, "batch": 4, "norm": "peri", "qk_norm": True,
             "z_loss": 1e-4}
@@ -415,3 +416,22 @@ def test_mlflow_export_logs_one_run_per_trial_in_batches(tmp_path):
     assert len(runs) == len(store.trials(db))
     history = client.get_metric_history(runs[0].info.run_id, "val")
     assert len(history) == 21
+
+
+def test_pareto_front_keeps_exactly_the_non_dominated_arms():
+    points = {"adamw": (100, 2.0), "galore": (50, 2.1), "worse": (60, 2.2), "tie": (100, 2.0), "best": (200, 1.5)}
+    assert stats.pareto_front(points) == ["galore", "adamw", "tie", "best"]
+
+
+def test_bench_memory_state_is_exact_per_method():
+    from torchstep.bench import memory
+    rows = {r["arm"]: r for r in memory.measure(["adamw", "galore", "frugal"], width=64, depth=1, context=16)}
+    # hidden matrices of one block at width 64: qkv 192×64, proj 64×64, MLP 256×64 and 64×256 (rank 16 = 64/4)
+    shapes = [(192, 64), (64, 64), (256, 64), (64, 256)]
+    n = sum(m * k for m, k in shapes)
+    assert rows["adamw"]["matrix_params"] == n
+    assert rows["adamw"]["state"] == 2 * 4 * n + 4 * len(shapes)
+    galore = sum(min(m, k) * 16 + 2 * max(m, k) * 16 for m, k in shapes)   # projector + moments (GaLore §7)
+    assert rows["galore"]["state"] == 4 * galore + 4 * len(shapes)
+    assert rows["frugal"]["state"] < rows["adamw"]["state"]
+    assert rows["adamw"]["fallback_state"] == rows["galore"]["fallback_state"]   # matched routing

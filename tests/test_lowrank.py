@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+import fira                      # official packages: the parity extra installs them (a missing one fails)
+import galore_torch
 import torchstep
 from torchstep.ops import projectors as P
 from torchstep.optim import GaLore, Fira, Frugal, GradNormLoRP
@@ -74,6 +76,17 @@ def test_project_back_of_project_is_scaled_orthogonal_projection():
     torch.testing.assert_close(P.project_back(P.project(G, two), two, (12, 20)), expected, rtol=1e-6, atol=1e-6)
 
 
+def test_a_float_rank_is_a_fraction_of_the_short_side():
+    assert [P.effective_rank((64, 256), r) for r in (0.25, 1.0, 0.001, 16, 1000)] == [16, 64, 1, 16, 64]
+    w = nn.Parameter(_matrix(24, 40))
+    opt = GaLore([w], rank=0.25)
+    w.grad = _matrix(24, 40, seed=1)
+    opt.step()
+    assert opt.state[w]["proj_u"].shape == (24, 6)
+    with pytest.raises(ValueError, match="rank"):
+        GaLore([w], rank=1.5)
+
+
 @pytest.mark.parametrize("grad", [torch.zeros(8, 6), torch.outer(torch.arange(8.0), torch.ones(6))],
                          ids=["zero", "rank-1"])
 def test_rank_deficient_gradient_still_gives_an_orthonormal_basis(grad):
@@ -130,7 +143,6 @@ def test_reprojection_is_exact_for_a_permuted_and_sign_flipped_basis():
 
 # ----------------------------------------------------------------------------------- GaLore
 def test_galore_official_parity_with_galore_torch_across_refreshes():
-    galore_torch = pytest.importorskip("galore_torch")
     a, b = _mlp(), _mlp()
     ref = galore_torch.GaLoreAdamW(_galore_groups(a), lr=1e-2, weight_decay=0.1, no_deprecation_warning=True)
     ours = GaLore(_galore_groups(b), lr=1e-2, weight_decay=0.1, compat="official")
@@ -271,7 +283,6 @@ def test_galore_checkpoint_is_plain_tensors_and_resumes_bit_exactly_across_a_ref
 # ----------------------------------------------------------------------------------- Fira
 @pytest.mark.parametrize("alpha", [1.0, 0.25])
 def test_fira_official_parity_with_the_fira_package(alpha):
-    fira = pytest.importorskip("fira")
     a, b = _mlp(), _mlp()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -522,3 +533,18 @@ def test_state_bytes_is_exact_for_torch_adamw_and_breaks_down():
     assert per_param["group0.0"] == 2 * 4 * 12 * 20 + 4
     with pytest.raises(ValueError, match="by"):
         torchstep.state_bytes(opt, by="tensor")
+
+
+def test_fira_and_gradnormlorp_state_memory_formulas():
+    m, n, r = 12, 20, 4
+    w = nn.Parameter(_matrix(m, n))
+    fira_opt = Fira([w], rank=r)
+    w.grad = _matrix(m, n, seed=1)
+    fira_opt.step()
+    assert torchstep.state_bytes(fira_opt) == 4 * (m * r + 2 * n * r + 1) + 4          # GaLore's + φ-limiter scalar
+    w2 = nn.Parameter(_matrix(m, n))
+    gn = GradNormLoRP([w2], rank=r)
+    w2.grad = _matrix(m, n, seed=1)
+    gn.step()
+    # v (m·n) + GaLore's state on v (m·r + 2·n·r) + the magnitude g and its two moments (3·m) + step
+    assert torchstep.state_bytes(gn) == 4 * (m * n + m * r + 2 * n * r + 3 * m) + 4

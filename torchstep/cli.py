@@ -1,4 +1,5 @@
-"""``torchstep`` command line: ``list``, ``bench`` (and ``bench speed``), ``report``, ``width-sweep``.
+"""``torchstep`` command line: ``list``, ``bench`` (and ``bench speed``, ``bench memory``), ``report``,
+``width-sweep``.
 
 Uses the standard library's ``argparse`` so the core install stays torch + numpy only.
 """
@@ -19,7 +20,7 @@ def list_rows() -> list[tuple[str, ...]]:
 
 def _parity(spec) -> str:
     if spec.reconstructed:
-        return "no code; rule partly reconstructed, unverified against the paper (docstring)"
+        return "none installable; rule partly reconstructed, unverified against the paper (docstring)"
     return spec.parity or "no (equation-level tests)"
 
 
@@ -106,6 +107,19 @@ def cmd_bench_speed(args: argparse.Namespace) -> None:
     speed.main(rounds=args.rounds, steps=args.steps, optimizers=args.optimizers, out=args.out)
 
 
+def cmd_bench_memory(args: argparse.Namespace) -> None:
+    """``torchstep bench memory``: optimizer-state bytes of one GPT step per arm (``torchstep.bench.memory``)."""
+    from .bench import memory
+    from .bench.arms import ARMS
+    for name, value in (("--width", args.width), ("--depth", args.depth)):
+        if value < 1:
+            fail(f"invalid {name} {value}; valid: an integer >= 1")
+    unknown = [x for x in args.optimizers or [] if x not in ARMS]
+    if unknown:
+        fail(f"unknown arm {', '.join(unknown)}; valid: {', '.join(ARMS)}")
+    memory.main(optimizers=args.optimizers, width=args.width, depth=args.depth, out=args.out)
+
+
 def export(out, targets: list[str]) -> None:
     """Export every trial's curve in ``out`` to each of ``targets`` (``tensorboard`` / ``mlflow``)."""
     from .bench import export as exporters
@@ -172,9 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also export every trial's curve (batched, after training)")
     bench.set_defaults(func=cmd_bench)
     # optional, so that plain `torchstep bench --suite …` is the sweep
-    bench_sub = bench.add_subparsers(dest="bench_command", metavar="{speed}",
-                                     help="`speed`: the step-time microbenchmark (its own flags; see "
-                                          "`torchstep bench speed -h`); without it, the sweep")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="{speed,memory}",
+                                     help="`speed`: the step-time microbenchmark, `memory`: optimizer-state "
+                                          "bytes of one GPT step (their own flags; see `torchstep bench speed "
+                                          "-h`); without one, the sweep")
     speed = bench_sub.add_parser("speed", help="step-time microbenchmark: optimizer.step() against torch AdamW",
                                  description="Median ms per optimizer.step() on CPU (1 thread), every torchstep "
                                              "optimizer against torch AdamW and pytorch-optimizer.")
@@ -184,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torchstep optimizers to time (default: all; torch AdamW is always timed)")
     speed.add_argument("--out", default=None, metavar="FILE", help="also write the tables to FILE (markdown)")
     speed.set_defaults(func=cmd_bench_speed)
+    mem = bench_sub.add_parser("memory", help="optimizer-state bytes (exact) and peak memory of one GPT step per arm",
+                               description="One forward/backward/step of the byte GPT per arm, each in a fresh "
+                                           "process, with matched routing: exact state bytes, CUDA / RSS peaks.")
+    mem.add_argument("--width", type=int, default=768, help="model width (default 768)")
+    mem.add_argument("--depth", type=int, default=12, help="layers (default 12: ~85M parameters)")
+    mem.add_argument("--optimizers", nargs="+", default=None, metavar="ARM",
+                     help="arms (default: adamw, the four low-rank methods, torch-adafactor, muon-fp32)")
+    mem.add_argument("--out", default=None, metavar="FILE", help="also write the table to FILE (markdown)")
+    mem.set_defaults(func=cmd_bench_memory)
     ws = sub.add_parser("width-sweep", help="μP spectral condition across widths (Muon++ vs Muon scales)")
     ws.add_argument("--widths", nargs="+", type=int, default=[64, 128, 256, 512])
     ws.add_argument("--steps", type=int, default=100)

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from ..memory import state_bytes
 from ..ops import gnb_sampled_loss
 from ..ops.curves import warmup_cosine
 from ..optim import AdamW, Muon, MuonPP, Spectra
@@ -73,6 +74,11 @@ BENCH: dict[str, tuple[float, dict[str, Any], str | None, tuple[str, dict] | Non
     "sinkgd": (3e-3, {"fallback_lr": FALLBACK_LR}, None, None),
     # with the paper's rescale the update has RMS ≈ 1 per entry (as SinkGD's): the same grid centre
     "swan": (3e-3, {"fallback_lr": FALLBACK_LR}, None, None),
+    # low-rank rules: r = min(m, n)/4 (the paper's r/d_model at 350M), refresh every 50 of the tasks' 300 steps
+    "galore": (1e-2, {"rank": 0.25, "update_proj_gap": 50}, None, None),
+    "fira": (1e-2, {"rank": 0.25, "update_proj_gap": 50}, None, None),
+    "frugal": (3e-3, {"update_gap": 50}, None, None),
+    "gradnormlorp": (1e-2, {"rank": 0.25, "update_proj_gap": 50}, None, None),
 }
 
 
@@ -88,10 +94,19 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
     Arm("torch-muon", torch.optim.Muon, 3e-3, {"weight_decay": 0.0, "adjust_lr_fn": "match_rms_adamw"},
         accepts=lambda p: p.dim() == 2),
     *(_ours(name) for name in SPECS if name != "adamw"),
+    # an Adafactor-like baseline for the memory comparison (factored second moment, no first moment)
+    Arm("torch-adafactor", torch.optim.Adafactor, 1e-2),
+    # Muon with fp32 Newton–Schulz: the bf16 default is ~50x slower on CPUs without native bf16 matmul
+    Arm("muon-fp32", Muon, 3e-3, {"adjust_lr": "match_rms_adamw", "fallback_lr": FALLBACK_LR, "ns_dtype": "float32"},
+        accepts=_is_matrix),
     # the SPECTRA wrapper over torch AdamW (c = 5: the paper's 160M recipe; matrices only)
     Arm("spectra-adamw", lambda g, lr, c: Spectra(torch.optim.AdamW(g, lr=lr, weight_decay=0.0), c=c), 3e-3,
         {"c": 5.0}),
 ]}
+
+#: arms of the memory comparison (docs/low-rank.md): in the ``full`` suite and ``bench memory``, not in
+#: ``default`` (on its synthetic tasks they would reduce to their base, and it must stay near 15 minutes)
+MEMORY_ARMS = ("galore", "fira", "frugal", "gradnormlorp", "torch-adafactor", "muon-fp32")
 
 #: the width sweep's comparison (docs/width-sweep.md): Muon++ against Muon's two common shape scales
 WIDTH_SWEEP_ARMS: dict[str, Callable[[list], torch.optim.Optimizer]] = {
@@ -168,6 +183,5 @@ class ArmOptimizer:
             self.zero_grad()
 
     def state_bytes(self) -> int:
-        """Exact optimizer-state bytes (tensors in ``state``; per-step CPU counters included)."""
-        return sum(v.numel() * v.element_size() for o in self.optimizers for s in o.state.values()
-                   for v in s.values() if torch.is_tensor(v))
+        """Exact optimizer-state bytes of the arm and the shared fallback (:func:`torchstep.state_bytes`)."""
+        return sum(state_bytes(o) for o in self.optimizers)

@@ -7,22 +7,24 @@ from typing import Any
 import numpy as np
 
 from .arms import ARMS
-from .stats import R_MAX, performance_profile
+from .stats import R_MAX, pareto_front, performance_profile
 from .tasks import TASKS
 
 
 def colour(arm: str):
-    """The arm's fixed colour (its place in :data:`.arms.ARMS`, tab20), the same in every figure."""
+    """The arm's fixed colour (its place in :data:`.arms.ARMS`: tab20, then tab20b), the same in every figure."""
     import matplotlib
     names = list(ARMS)
-    return matplotlib.colormaps["tab20"](names.index(arm) % 20 if arm in names else 19)
+    i = names.index(arm) if arm in names else 39
+    return matplotlib.colormaps["tab20" if i < 20 else "tab20b"](i % 20)
 
 
 def write_figures(a: dict[str, Any], fig_dir: str | Path) -> list[str]:
     """Write the figures for analysis ``a`` (see :func:`.analysis.analyse`) into ``fig_dir``; returns file names.
 
     Per task ``TASK.png`` (loss vs step, loss vs CPU time, lr sensitivity), ``state_memory.png``,
-    ``step_time.png`` and, when AdamW ran, ``performance_profile.png``.
+    ``step_time.png``, ``state_pareto.png`` (final loss vs optimizer-state bytes, Pareto front) and, when AdamW
+    ran, ``performance_profile.png``.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -79,6 +81,7 @@ def write_figures(a: dict[str, Any], fig_dir: str | Path) -> list[str]:
         fig.savefig(fig_dir / fname, dpi=110)
         plt.close(fig)
         made.append(fname)
+    made.append(_state_pareto(a, fig_dir, plt))
     if a["ttt"]:
         taus = np.linspace(1, R_MAX, 61)
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -93,3 +96,34 @@ def write_figures(a: dict[str, Any], fig_dir: str | Path) -> list[str]:
         plt.close(fig)
         made.append("performance_profile.png")
     return made
+
+
+def state_points(per_arm: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """arm → (optimizer-state bytes, mean final val) for arms with both."""
+    return {arm: (e["state_bytes"], e["mean"]) for arm, e in per_arm.items()
+            if e.get("state_bytes") is not None and e.get("mean") is not None and np.isfinite(e["mean"])}
+
+
+def _state_pareto(a: dict[str, Any], fig_dir: Path, plt) -> str:
+    """Final val (mean ± 95 % CI) against optimizer-state bytes, one panel per task; the Pareto front joined."""
+    tasks = list(a["summary"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        per_arm = a["summary"][task]
+        points = state_points(per_arm)
+        for arm, (b, v) in points.items():
+            ax.errorbar(b, v, yerr=per_arm[arm].get("ci") or 0, fmt="o", color=colour(arm), capsize=3)
+            ax.annotate(arm, (b, v), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        front = pareto_front(points)
+        ax.plot([points[f][0] for f in front], [points[f][1] for f in front], "--", color="grey", lw=1,
+                label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_xlabel("optimizer state (bytes, exact)")
+        ax.set_ylabel("final val (lower is better)")
+        ax.set_title(f"{task}: loss vs state memory", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(fig_dir / "state_pareto.png", dpi=110)
+    plt.close(fig)
+    return "state_pareto.png"
+

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from .analysis import analyse
-from .figures import write_figures
+from .figures import state_points, write_figures
+from .stats import pareto_front
 from .tasks import TASKS
 
 
@@ -84,7 +85,12 @@ def write(out: str | Path, analysis: dict[str, Any] | None = None) -> Path:
                       f"{', '.join(f'{x:g}' for x in e['grid_diverged']) or ''} |")
         md += ["", f"![{task}](figures/{task}.png)", ""]
     md += ["## Cost and profile", "", "![state memory](figures/state_memory.png)", "",
-           "![step time](figures/step_time.png)", ""]
+           "![step time](figures/step_time.png)", "", "### Loss vs optimizer-state memory", ""]
+    for task, per_arm in a["summary"].items():
+        points = state_points(per_arm)
+        front = ", ".join(f"{arm} ({points[arm][0]:,} B, {points[arm][1]:.4g})" for arm in pareto_front(points))
+        md.append(f"- {task}: Pareto front (no arm has less state and a lower loss): {front or '–'}")
+    md += ["", "![loss vs state memory](figures/state_pareto.png)", ""]
     if "performance_profile.png" in figures:
         md += ["![performance profile](figures/performance_profile.png)", ""]
     warnings = [f"- {task}/{arm}: best lr {e['lr']:g} is on the grid edge after extension" for task, per in

@@ -115,3 +115,12 @@ def performance_profile(steps_to_target: dict[str, dict[str, float]], taus: np.n
             ratios[arm].append(value / best if math.isfinite(best) and best > 0 else math.inf)
     n = max(1, len(steps_to_target))
     return {arm: np.array([sum(r <= t for r in ratios[arm]) / n for t in taus]) for arm in arms}
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Arms not dominated in (state bytes, final val), both lower-is-better: no other arm has at most the
+    bytes and at most the loss with one of them strictly lower.  Sorted by bytes."""
+    front = [a for a, (b, v) in points.items()
+             if not any((b2 <= b and v2 <= v) and (b2 < b or v2 < v) for a2, (b2, v2) in points.items() if a2 != a)]
+    return sorted(front, key=lambda a: points[a])
+

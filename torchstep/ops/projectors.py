@@ -41,9 +41,13 @@ def projection_side(shape: tuple[int, int], proj_type: str) -> str:
     raise ValueError(f"Invalid proj_type: {proj_type!r} (valid range: one of {PROJ_TYPES})")
 
 
-def effective_rank(shape: tuple[int, int], rank: int) -> int:
-    """``min(rank, m, n)``: an SVD has no more singular vectors than that."""
-    return min(rank, shape[0], shape[1])
+def effective_rank(shape: tuple[int, int], rank: int | float) -> int:
+    """``min(rank, m, n)`` for an int rank (an SVD has no more singular vectors); a float in (0, 1] is a
+    fraction of ``min(m, n)``, rounded, at least 1 (so one setting keeps r/d fixed across model widths)."""
+    short = min(shape[0], shape[1])
+    if isinstance(rank, float):
+        return max(1, min(short, round(rank * short)))
+    return min(rank, short)
 
 
 def projected_shape(shape: tuple[int, int], rank: int, side: str) -> tuple[int, int]:
@@ -70,7 +74,7 @@ def _svd_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def svd_basis(grad: Tensor, rank: int, side: str) -> Basis:
+def svd_basis(grad: Tensor, rank: int | float, side: str) -> Basis:
     """Top-``rank`` singular vectors of ``grad`` (an ``m × n`` matrix) on ``side``, in fp32 (fp64 for fp64).
 
     A rank-deficient gradient (even all zeros) still gives an orthonormal basis: the SVD completes it with

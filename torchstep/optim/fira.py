@@ -82,7 +82,7 @@ class Fira(ProjectedOptimizer):
     Args:
         params: parameters or groups (routing as :class:`~torchstep.optim.GaLore`; ``rank=None`` unprojected).
         lr: η (default 0.01, the paper's scripts).
-        rank: r (default 128).
+        rank: r (default 128; a float is a fraction of min(m, n), as in GaLore).
         update_proj_gap: T (default 200).
         scale: α (default 0.25 below 1B in the paper; 0.0625 above; pip ``fira`` calls it ``alpha``, default 1).
         proj_type: as GaLore (``full`` needs ``scaling="matrix"``).

@@ -36,8 +36,11 @@ def basis_of(state: dict[str, Any]) -> dict[str, Tensor]:
 def check_projection(group: dict[str, Any]) -> None:
     """The hyperparameters of every projected group (also used by Fira and GradNormLoRP)."""
     rank = group["rank"]
-    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
-        raise invalid("rank", rank, "an int >= 1, or None for an unprojected group")
+    if isinstance(rank, float):
+        check_range("rank", rank, 0.0, 1.0, lo_open=True)
+    elif rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise invalid("rank", rank, "an int >= 1, a float fraction of min(m, n) in (0, 1], or None for an "
+                      "unprojected group")
     gap = group["update_proj_gap"]
     if not isinstance(gap, int) or isinstance(gap, bool) or gap < 1:
         raise invalid("update_proj_gap", gap, "an int >= 1")
@@ -210,7 +213,8 @@ class GaLore(ProjectedOptimizer):
     Args:
         params: parameters or groups; groups may set every hyperparameter below, ``rank=None`` = unprojected.
         lr: η (default 0.01, the paper's pre-training lr; galore-torch's class default is 1e-3).
-        rank: r, the subspace dimension (default 128, the paper's 60M setting; capped at min(m, n)).
+        rank: r, the subspace dimension (default 128, the paper's 60M setting; capped at min(m, n)); a float in
+            (0, 1] is a fraction of min(m, n) (e.g. 0.25: the paper's r/d_model at 350M).
         update_proj_gap: T, steps between SVD refreshes (default 200).
         scale: α, multiplies the projected-back update (default 0.25, paper; galore-torch's class default 1.0).
         proj_type: ``std`` (default: short side), ``reverse_std``, ``left``, ``right``, ``full`` (two-sided).

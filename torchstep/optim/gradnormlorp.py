@@ -108,7 +108,7 @@ class GradNormLoRP(ProjectedOptimizer):
     Args:
         params: parameters or groups (routing as :class:`~torchstep.optim.GaLore`).
         lr: η (default 0.01, the README's pre-training command).
-        rank: r (default 128).
+        rank: r (default 128; a float is a fraction of min(m, n), as in GaLore).
         update_proj_gap: T (default 250, the README's command).
         scale: α (default 0.25).
         proj_type, base, moments: as GaLore (base default ``adamw``, HF flavour as the code, ε 1e-6).
