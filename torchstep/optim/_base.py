@@ -91,6 +91,7 @@ class Rule:
     """
 
     name: str
+    batched: bool = True     # False: the rule treats each tensor on its own (the optimizer may call it per tensor)
 
     def validate(self, group: dict[str, Any]) -> None:
         pass
@@ -112,6 +113,8 @@ class ElementwiseRule(Rule):
         init: ``init(p, state, group)`` — lazy state (default: none; see :func:`zeros_state`).
         check: ``check(group)`` — validates the rule's own hyperparameters (default: none).
     """
+
+    batched = False
 
     def __init__(self, name: str, update_one: Callable, init: Callable | None = None,
                  check: Callable | None = None) -> None:
@@ -171,11 +174,15 @@ class TorchstepOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        unknown = set(group) - set(self.defaults) - self._BOOKKEEPING   # typos are rejected
+        unknown = set(group) - self._allowed_keys(group)   # typos are rejected
         if unknown:
             raise ValueError(f"Unknown hyperparameter(s) {sorted(unknown)} for {type(self).__name__}; "
                              f"valid: {sorted(self.defaults)}")
         self._validate(group)
+
+    def _allowed_keys(self, group: dict[str, Any]) -> set[str]:
+        """Keys a group may carry: the optimizer's hyperparameters and the partitioner/scheduler keys."""
+        return set(self.defaults) | self._BOOKKEEPING
 
     def _validate(self, group: dict[str, Any]) -> None:
         validate_common(group)
@@ -242,14 +249,18 @@ class TorchstepOptimizer(torch.optim.Optimizer):
         return work, grad, self.state_for(p, group, work)
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        items = [self._working(p, group) for p in params]
-        for _, _, state in items:
-            state["step"] += 1
-        works = [w for w, _, _ in items]
-        self._apply_rule(group, params, works, [g for _, g, _ in items], [s for _, _, s in items])
-        for p, work in zip(params, works):
-            if work is not p:
-                p.copy_(work)
+        # A per-tensor rule runs one tensor at a time, so a bf16/fp16 model holds one fp32 working copy (and
+        # fp32 gradient) at a time — not the whole group's (8 extra bytes per parameter at peak).
+        chunks = [params] if self.rule_for(group).batched else [[p] for p in params]
+        for chunk in chunks:
+            items = [self._working(p, group) for p in chunk]
+            for _, _, state in items:
+                state["step"] += 1
+            works = [w for w, _, _ in items]
+            self._apply_rule(group, chunk, works, [g for _, g, _ in items], [s for _, _, s in items])
+            for p, work in zip(chunk, works):
+                if work is not p:
+                    p.copy_(work)
 
     def _apply_rule(self, group: dict[str, Any], params: list[Tensor], works: list[Tensor], grads: list[Tensor],
                     states: list[dict[str, Any]]) -> None:

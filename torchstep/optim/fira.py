@@ -14,12 +14,16 @@ SCALINGS = ("column", "matrix")
 _TINY = 1e-8            # the official code's ε in φ and in the limiter
 
 
-def _norm_scaling(low: Tensor, direction: Tensor, group: dict) -> Tensor:
+def _norm_scaling(low: Tensor, direction: Tensor, basis: dict, group: dict) -> Tensor:
     """φ = ‖ψ(R)‖/‖R‖: per index of the non-projected side (``column``: the paper's default "Fira" and the
-    official code — the norm runs over the rank dimension), or one scalar (``matrix``, "Fira-matrix")."""
+    official code — the norm runs over the rank dimension), or one scalar (``matrix``, "Fira-matrix").
+
+    The rank dimension is read from the basis (left projection: R is r×n, norms over dim 0); the official
+    code reads it from R's shape, which agrees except for a square R (a left projection of a tall matrix at
+    full short-side rank), where its factors do not broadcast and it fails."""
     if group["scaling"] == "matrix":
         return torch.linalg.vector_norm(direction) / (torch.linalg.vector_norm(low) + _TINY)
-    dim = 0 if direction.shape[0] < direction.shape[1] else 1
+    dim = 0 if "u" in basis else 1
     phi = torch.linalg.vector_norm(direction, dim=dim) / (torch.linalg.vector_norm(low, dim=dim) + _TINY)
     return phi.unsqueeze(1) if dim == 1 else phi
 
@@ -36,7 +40,7 @@ def fira_residual(G: Tensor, low: Tensor, direction: Tensor, c: float, basis: di
         return None        # a full-rank (square) basis leaves no complement: Fira is GaLore exactly
     scale = group["scale"]
     in_subspace = project_back(low, basis, tuple(G.shape), scale if official else 1.0)
-    phi = _norm_scaling(low, direction if official else direction * c, group)
+    phi = _norm_scaling(low, direction if official else direction * c, basis, group)
     residual = (G - in_subspace).mul_(phi)
     norm = torch.linalg.vector_norm(residual)
     gamma = group["gamma"]

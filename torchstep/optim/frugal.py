@@ -97,12 +97,17 @@ class FrugalRule(Rule):
     def _projected(p: Tensor, group: dict) -> bool:
         return group["density"] is not None and p.dim() >= 2
 
-    def update(self, params, grads, states, group, positions=None):
+    batched = False
+
+    def update(self, params, grads, states, group, positions=None, clock=None):
+        """``positions``: each tensor's index among the group's matrices; ``clock``: the group's step (the
+        refresh schedule is the group's, as in the author code; default: each tensor's own step)."""
         count = sum(1 for p in group["params"] if p.dim() >= 2)
         for i, (p, grad, state) in enumerate(zip(params, grads, states)):
-            self.update_one(p, grad, state, group, positions[i] if positions else i, count)
+            self.update_one(p, grad, state, group, positions[i] if positions else i, count,
+                            clock if clock is not None else step_of(state))
 
-    def update_one(self, p, grad, state, group, position, count):
+    def update_one(self, p, grad, state, group, position, count, clock):
         base, t, lr = resolve_base(group["base"]), step_of(state), scalar(group["lr"])
         if group["weight_decay"] != 0:
             p.mul_(1 - lr * group["weight_decay"])          # every tensor, before the update, unscaled lr
@@ -112,7 +117,10 @@ class FrugalRule(Rule):
             return
         lr_p = lr * group["proj_lr_scale"]
         G = as_matrix(grad)
-        refresh, k = (t - 1) % group["update_gap"] == 0, (t - 1) // group["update_gap"]
+        k = (clock - 1) // group["update_gap"]          # the group's refresh number
+        refresh = state.get("refresh") != k             # also catches up a tensor that missed a refresh step
+        if refresh:
+            state["refresh"] = k
         if group["projection"] == "block":
             if refresh:
                 self._new_block(G, state, group, position, count, k, t)
@@ -195,7 +203,9 @@ class Frugal(ProjectedOptimizer):
     "AdamW restarted every T steps"; with T beyond the run it is AdamW).  ``coordinate``: ``⌊ρ·size⌋``
     random columns/rows/entries.  ``svd`` / ``random``: rank ``round(ρ·d)`` of the projected side
     (``proj_type`` as GaLore).  ``reset_statistics`` zeroes the Adam state at each refresh (non-block).
-    Tensors routed without a density (``density=None``: embeddings, norms, head, vectors) run plain AdamW.
+    Tensors routed without a density (``density=None``: embeddings, norms, head, vectors) run the group's base
+    densely (AdamW by default).  The refresh schedule is the group's (one clock: 1 + the largest step counter
+    of its matrices), so a tensor skipped for a non-finite gradient refreshes with the others.
 
     Args:
         params: parameters or groups (routing as :class:`~torchstep.optim.GaLore`, by the ``density`` key).
@@ -219,9 +229,9 @@ class Frugal(ProjectedOptimizer):
         **base_hyperparameters: ``betas`` (0.9, 0.999), ``eps`` (1e-8).
 
     Paper: Zmushko, Beznosikov, Takáč, Horváth, "FRUGAL: Memory-Efficient Optimization by Reducing State
-    Overhead for Scalable Training", arXiv 2411.07837.  Deviations from the author code: the refresh schedule
-    follows each tensor's own step counter (the author keys on the group's first tensor; identical when
-    every tensor gets a gradient every step); coordinate indices are sorted (the same subspace); the ``randperm``
+    Overhead for Scalable Training", arXiv 2411.07837.  Deviations from the author code: the group clock is the
+    largest step counter of its matrices (the author keys on the group's first tensor, whose counter stalls
+    when it has no gradient; identical when every tensor gets a gradient every step); coordinate indices are sorted (the same subspace); the ``randperm``
     projection type is not offered; the subspace seeds come from ``seed`` (the author draws from the global RNG).
     Memory: block — 2·(active tensors' sizes); coordinate — 2·⌊ρ n⌋·m + the index set; svd — the projector and
     Adam on the rank-``round(ρ d)`` projection; plus AdamW's 2× for unprojected tensors.
@@ -237,6 +247,8 @@ class Frugal(ProjectedOptimizer):
                  seed: int = 0, base: str = "adamw-torch", *, maximize: bool = False, nonfinite: str = "skip",
                  **base_hyperparameters: Any) -> None:
         check_base_hyperparameters(base, base_hyperparameters)
+        self._positions: dict[int, tuple[int, dict[int, int]]] = {}   # group → (size, matrix index by tensor id)
+        self._clocks: dict[int, int] = {}                              # group → its step, fixed in step()
         super().__init__(params, dict(
             resolve_base(base).defaults, **base_hyperparameters, lr=lr, density=density, update_gap=update_gap,
             projection=projection, block_order=block_order, coord_choice=coord_choice, proj_type=proj_type,
@@ -244,10 +256,24 @@ class Frugal(ProjectedOptimizer):
             inactive_lr_scale=inactive_lr_scale, proj_lr_scale=proj_lr_scale, weight_decay=weight_decay,
             seed=seed, base=base, maximize=maximize, nonfinite=nonfinite))
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        """As every torchstep optimizer; first fixes each group's clock: 1 + the largest step counter among its
+        matrices, so one skipped (non-finite) tensor cannot shift the group's refresh schedule."""
+        self._clocks = {}
+        for group in self.param_groups:
+            steps = [step_of(self.state[p]) for p in group["params"] if p.dim() >= 2 and self.state.get(p)]
+            self._clocks[id(group)] = 1 + max(steps, default=0)
+        return super().step(closure)
+
     def _apply_rule(self, group, params, works, grads, states):
-        matrices = [p for p in group["params"] if p.dim() >= 2]
-        index = {id(p): i for i, p in enumerate(matrices)}
-        self.rule.update(works, grads, states, group, positions=[index.get(id(p), -1) for p in params])
+        key = id(group)
+        if self._positions.get(key, (None,))[0] != len(group["params"]):
+            self._positions[key] = (len(group["params"]),
+                                    {id(p): i for i, p in enumerate(q for q in group["params"] if q.dim() >= 2)})
+        index = self._positions[key][1]
+        self.rule.update(works, grads, states, group, positions=[index.get(id(p), -1) for p in params],
+                         clock=self._clocks[key])
 
 
 __all__ = ["Frugal", "FRUGAL", "active_blocks", "PROJECTIONS", "BLOCK_ORDERS", "INACTIVE_RULES"]

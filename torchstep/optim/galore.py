@@ -48,6 +48,11 @@ def check_projection(group: dict[str, Any]) -> None:
     check_choice("proj_type", group["proj_type"], PROJ_TYPES)
     check_choice("moments", group["moments"], MOMENT_POLICIES)
     check_choice("compat", group["compat"], COMPATS)
+    base = resolve_base(group["base"])
+    base.check(group)
+    if group["moments"] == "reproject" and set(base_keys(base, group)) - set(base.state_keys):
+        raise invalid("moments", "reproject", f"'keep' or 'reset' for base {base.name!r} (its state "
+                      f"{sorted(set(base_keys(base, group)) - set(base.state_keys))} has no change of basis)")
     if group["compat"] == "official" and group["moments"] != "keep":
         raise invalid("moments", group["moments"], "'keep' with compat='official' (the official code neither "
                       "re-projects nor resets the moments)")
@@ -63,6 +68,8 @@ class ProjectedRule(Rule):
             size, in the units of ``D``; the step is ``−η·c·D``; ``None``: nothing to add) is added to the projected-back direction (Fira).
         check: validates the residual stage's hyperparameters.
     """
+
+    batched = False
 
     def __init__(self, name: str, residual: Callable | None = None, check: Callable | None = None) -> None:
         self.name, self.residual, self._check = name, residual, check
@@ -159,7 +166,11 @@ class ProjectedOptimizer(TorchstepOptimizer):
       convention: ``[{"params": rest}, {"params": matrices, "rank": 128, ...}]``);
     * a partitioner group (``torchstep.create(name, model)``) named ``matrix`` is projected at the default
       rank, ``embedding``/``head``/``no_decay`` are not;
-    * otherwise tensors with ``ndim >= 2`` are projected at the default rank and the rest are not.
+    * otherwise tensors with ``ndim >= 2`` are projected at the default rank and the rest are not — such a
+      group is split in two, so ``param_groups`` can hold more groups than were passed (a scheduler given one
+      lambda per group should be built after the optimizer, from ``len(opt.param_groups)``).
+
+    A group may choose its own ``base``; the base's hyperparameter defaults fill the group's missing keys.
 
     Args:
         params: parameters or groups.
@@ -169,6 +180,10 @@ class ProjectedOptimizer(TorchstepOptimizer):
     route_key = "rank"
     _ranks_given = False
 
+    def _allowed_keys(self, group: dict[str, Any]) -> set[str]:
+        base = group.get("base", self.defaults["base"])
+        return super()._allowed_keys(group) | (set(BASES[base].defaults) if base in BASES else set())
+
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         if not isinstance(params, Tensor):      # a lone tensor: torch's own TypeError below
             params = list(params)
@@ -177,6 +192,9 @@ class ProjectedOptimizer(TorchstepOptimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group, key = dict(param_group), self.route_key
+        if "base" in group:      # a group's own base brings its own hyperparameter defaults
+            for name, value in resolve_base(group["base"]).defaults.items():
+                group.setdefault(name, value)
         if key in group:
             return super().add_param_group(group)
         if self._ranks_given or group.get("name") in FALLBACK_LABELS:

@@ -42,6 +42,7 @@ class GradNormLoRPRule(Rule):
     """The weight-normalised projected update (see :class:`GradNormLoRP`)."""
 
     name = "gradnormlorp"
+    batched = False
 
     def validate(self, group):
         check_projection(group)
@@ -124,6 +125,8 @@ class GradNormLoRP(ProjectedOptimizer):
     weight-norm gradients above (the code drops the projection), a persistent learned magnitude (the code
     resets it), row-wise norms (as the code; summaries say "column"), Adam on ``g`` with the same
     hyperparameters, decay on both ``v`` and ``g`` (as the code), only projected matrices reparametrised.
+    The optimizer owns ``(v, g)`` and rewrites ``W`` from them after every step: a change made to a routed
+    weight outside the optimizer (e.g. re-initialisation) is overwritten at the next step.
     Memory per routed m×n matrix: ``v`` (m·n) + GaLore's state on ``v`` + ``g`` and its Adam moments (3·m);
     more than GaLore, by the copy of the weight.
     """
