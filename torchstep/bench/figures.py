@@ -12,11 +12,14 @@ from .tasks import TASKS
 
 
 def colour(arm: str):
-    """The arm's fixed colour (its place in :data:`.arms.ARMS`: tab20, then tab20b), the same in every figure."""
+    """The arm's fixed colour (its place in :data:`.arms.ARMS`: tab20, then Dark2, then tab20b), the same in
+    every figure."""
     import matplotlib
     names = list(ARMS)
-    i = names.index(arm) if arm in names else 39
-    return matplotlib.colormaps["tab20" if i < 20 else "tab20b"](i % 20)
+    i = names.index(arm) if arm in names else 47
+    if i < 20:
+        return matplotlib.colormaps["tab20"](i)
+    return matplotlib.colormaps["Dark2"](i - 20) if i < 28 else matplotlib.colormaps["tab20b"]((i - 28) % 20)
 
 
 def write_figures(a: dict[str, Any], fig_dir: str | Path) -> list[str]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from .analysis import analyse
 from .figures import state_points, write_figures
-from .stats import pareto_front
+from .stats import paired_p, pareto_front
 from .tasks import TASKS
 
 
@@ -76,11 +76,14 @@ def write(out: str | Path, analysis: dict[str, Any] | None = None) -> Path:
     for task, per_arm in a["summary"].items():
         md += [f"### {task}", "", TASKS[task].description + (f"; target {a['targets'][task]:.4g}"
                                                              if task in a["targets"] else ""), "",
-               "| arm | best lr | edge | seeds | final val | steps→target | CPU-s→target | state bytes | "
-               "opt ms/step | diverged grid lrs |", "|---|---|---|---|---|---|---|---|---|---|"]
+               "| arm | best lr | edge | seeds | final val | paired p vs adamw | steps→target | CPU-s→target | "
+               "state bytes | opt ms/step | diverged grid lrs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        reference = per_arm.get("adamw", {}).get("finals")
         for arm, e in sorted(per_arm.items(), key=lambda kv: kv[1].get("mean", math.inf)):
+            p_vs = (_fmt(paired_p(e["finals"], reference)) if reference and arm != "adamw"
+                    and len(set(e["finals"]) & set(reference)) >= 2 else "")
             md.append(f"| {arm} | {_fmt(e['lr'])} | {'yes' if e['edge'] else ''} | {len(e['finals'])} | "
-                      f"{_fmt(e.get('mean'))} ± {_fmt(e.get('ci'))} | {_fmt(e.get('steps_to_target'))} | "
+                      f"{_fmt(e.get('mean'))} ± {_fmt(e.get('ci'))} | {p_vs} | {_fmt(e.get('steps_to_target'))} | "
                       f"{_fmt(e.get('cpu_to_target'))} | {e.get('state_bytes', '–')} | {_fmt(e.get('opt_ms'))} | "
                       f"{', '.join(f'{x:g}' for x in e['grid_diverged']) or ''} |")
         md += ["", f"![{task}](figures/{task}.png)", ""]
