@@ -11,7 +11,7 @@ from .gradnormlorp import GradNormLoRP
 from .hybrid import MatrixHybrid
 from .lanton import Lanton
 from .lion import Lion
-from .lowrank import BASES, LowRankBase, register_base
+from .lowrank import LowRankBase
 from .matrix import MatrixRule
 from .muon import Muon
 from .muonpp import MuonPP
@@ -26,4 +26,4 @@ from .wrapper import OptimizerWrapper
 __all__ = ["TorchstepOptimizer", "Rule", "ElementwiseRule", "MatrixRule", "MatrixHybrid", "OptimizerWrapper",
            "AdamW", "Lion", "AdamP", "SGDP", "DiffGrad", "SophiaG", "SophiaH", "SPAM", "StableSPAM", "CLASSP", "Muon",
            "NorMuon", "MuonPP", "Lanton", "SinkGD", "SWAN", "Spectra", "GaLore", "Fira", "Frugal", "GradNormLoRP",
-           "ProjectedOptimizer", "ProjectedRule", "LowRankBase", "BASES", "register_base"]
+           "ProjectedOptimizer", "ProjectedRule", "LowRankBase"]
