@@ -23,6 +23,9 @@ class Fixture:
     steps: int = 2000
     decay_schedule: bool = True           # linear lr decay to 0 in the convergence tests
     skip_rosenbrock: tuple[str, ...] = () # configs documented not to solve Rosenbrock in budget
+    # configs the convergence tests run (default: all).  The problems are vectors, which projection rules
+    # update with their base unprojected, so configs differing only in projection settings would repeat.
+    converge_only: tuple[str, ...] | None = None
 
     @property
     def spec(self) -> OptimizerSpec:
@@ -175,6 +178,7 @@ FIXTURES: dict[str, Fixture] = {f.name: f for f in [
     Fixture(
         "galore",
         base_kwargs={"rank": 2, "update_proj_gap": 3},
+        converge_only=("adamw rank 2", "lion base", "adafactor base", "maximize"),
         configs=(({}, "adamw rank 2"), ({"moments": "reproject", "weight_decay": 0.1}, "reproject + wd"),
                  ({"moments": "reset", "proj_type": "reverse_std"}, "reset, reverse_std"),
                  ({"proj_type": "full", "scale": 1.0}, "two-sided"), ({"compat": "official"}, "official"),
@@ -188,6 +192,7 @@ FIXTURES: dict[str, Fixture] = {f.name: f for f in [
     Fixture(
         "fira",
         base_kwargs={"rank": 2, "update_proj_gap": 3},
+        converge_only=("paper", "maximize"),
         configs=(({}, "paper"), ({"compat": "official"}, "official"), ({"scaling": "matrix"}, "matrix scaling"),
                  ({"moments": "reproject", "weight_decay": 0.1}, "reproject + wd"), ({"maximize": True}, "maximize")),
         invalid=_COMMON_INVALID + _BETAS_INVALID + _EPS_INVALID + _WD_INVALID +
@@ -197,6 +202,7 @@ FIXTURES: dict[str, Fixture] = {f.name: f for f in [
     Fixture(
         "frugal",
         base_kwargs={"update_gap": 3, "density": 0.5},
+        converge_only=("block descending", "maximize"),
         configs=(({}, "block descending"), ({"block_order": "random", "weight_decay": 0.1}, "block random + wd"),
                  ({"projection": "coordinate"}, "coordinate cols"),
                  ({"projection": "coordinate", "coord_choice": "entries", "reset_statistics": False}, "entries"),
@@ -212,6 +218,7 @@ FIXTURES: dict[str, Fixture] = {f.name: f for f in [
     Fixture(
         "gradnormlorp",
         base_kwargs={"rank": 2, "update_proj_gap": 3},
+        converge_only=("paper", "maximize"),
         configs=(({}, "paper"), ({"compat": "official"}, "official"), ({"weight_decay": 0.1}, "wd"),
                  ({"maximize": True}, "maximize")),
         invalid=_COMMON_INVALID + _BETAS_INVALID + _EPS_INVALID + _WD_INVALID +

@@ -629,3 +629,12 @@ def test_per_tensor_rules_hold_one_fp32_working_copy_at_a_time():
     opt.step()
     assert sizes == [1, 1, 1, 1]
 
+
+
+def test_gradnormlorp_official_leaves_a_zero_tensor_at_zero_without_nan():
+    x = nn.Parameter(torch.zeros(8, dtype=torch.float64))      # the conformance problems' start, x = 0
+    opt = GradNormLoRP([x], compat="official")
+    for _ in range(3):
+        x.grad = torch.randn(8, dtype=torch.float64)
+        opt.step()
+    assert (x == 0).all() and all(torch.isfinite(t).all() for t in opt.state[x].values() if torch.is_tensor(t))
