@@ -1,5 +1,5 @@
 """``torchstep`` command line: ``list``, ``bench`` (and ``bench speed``, ``bench memory``), ``report``,
-``width-sweep``.
+``width-sweep``, ``steplaw``.
 
 Uses the standard library's ``argparse`` so the core install stays torch + numpy only.
 """
@@ -156,6 +156,20 @@ def cmd_width_sweep(args: argparse.Namespace) -> None:
     print(markdown_table(header, rows))
 
 
+def cmd_steplaw(args: argparse.Namespace) -> None:
+    """``torchstep steplaw``: the Step Law's optimal lr and batch size (``torchstep.scaling.step_law``)."""
+    from .scaling import step_law
+    try:
+        law = step_law(args.params, args.tokens, args.constants, args.embedding_params)
+    except ValueError as err:
+        fail(str(err))
+    print(f"Step Law ({args.constants} constants), N = {args.params - args.embedding_params:.4g} non-embedding "
+          f"parameters, D = {args.tokens:.4g} tokens:")
+    print(f"  lr          {law.lr:.4g}")
+    print(f"  batch size  {law.batch_size:.4g} tokens = {law.batch_sequences(args.seq_len):.1f} sequences of "
+          f"{args.seq_len}")
+
+
 def fail(message: str) -> None:
     """Print a one-line ``torchstep: error: …`` to stderr and exit with status 2 (argparse's usage error)."""
     print(f"torchstep: error: {message}", file=sys.stderr)
@@ -208,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="arms (default: adamw, the four low-rank methods, torch-adafactor, muon-fp32)")
     mem.add_argument("--out", default=None, metavar="FILE", help="also write the table to FILE (markdown)")
     mem.set_defaults(func=cmd_bench_memory)
+    sl = sub.add_parser("steplaw", help="optimal lr and batch size from model size and tokens (Step Law)")
+    sl.add_argument("--params", type=float, required=True, help="parameters (non-embedding, or give --embedding-params)")
+    sl.add_argument("--tokens", type=float, required=True, help="training tokens")
+    sl.add_argument("--seq-len", type=int, default=2048, help="sequence length for the batch in sequences")
+    sl.add_argument("--embedding-params", type=float, default=0.0, help="embedding parameters inside --params")
+    sl.add_argument("--constants", choices=["paper", "repo_mean"], default="paper")
+    sl.set_defaults(func=cmd_steplaw)
     ws = sub.add_parser("width-sweep", help="μP spectral condition across widths (Muon++ vs Muon scales)")
     ws.add_argument("--widths", nargs="+", type=int, default=[64, 128, 256, 512])
     ws.add_argument("--steps", type=int, default=100)
