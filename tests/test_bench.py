@@ -434,3 +434,22 @@ def test_bench_memory_state_is_exact_per_method():
     galore = sum(min(m, k) * 16 + 2 * max(m, k) * 16 for m, k in shapes)   # projector + moments (GaLore §7)
     assert rows["galore"]["state"] == 4 * galore + 4 * len(shapes)
     assert rows["adamw"]["fallback_state"] == rows["galore"]["fallback_state"]   # matched routing
+
+
+@pytest.mark.parametrize("schedule", ["wsd", "linear", "power", "none"])
+def test_harness_schedules_are_recorded_and_run(schedule):
+    config = resolve("quadratic", "adamw", 3e-3, 0, 40, "tune", {"d": 16, "n": 256}, schedule=schedule)
+    assert config["schedule"] == arms.SCHEDULES[schedule][0]
+    assert resolve("quadratic", "adamw", 3e-3, 0, 40, "tune")["schedule"] == "warmup 5% + cosine to 0"  # v1 hash
+    row = run_trial(config)
+    assert not row["diverged"] and row["final_val"] < row["init_val"]
+    curve = arms.SCHEDULES[schedule][1]
+    values = [curve(t, 40, 2) for t in range(40)]
+    assert values[0] == (1.0 if schedule == "none" else 0.5) and (schedule in ("none", "power") or values[-1] < 0.1)
+
+
+def test_schedule_free_arms_run_with_their_own_warmup_and_no_external_schedule():
+    config = resolve("quadratic", "schedulefree-adamw", 3e-3, 0, 40, "tune", {"d": 16, "n": 256}, schedule="wsd")
+    assert config["schedule"] == arms.SCHEDULES["none"][0]
+    row = run_trial(config)
+    assert not row["diverged"] and row["final_val"] < row["init_val"]

@@ -43,6 +43,8 @@ def minimise(spec, kwargs, f, x0, lr, steps):
         opt.step()
         if sched is not None:
             sched.step()
+    if hasattr(opt, "eval"):      # Schedule-Free: the solution is the averaged point x, not the gradient point y
+        opt.eval()
     return x.detach()
 
 

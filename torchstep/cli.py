@@ -76,7 +76,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             fail(f"invalid --steps {item!r}; use TASK=N with N >= 1 and TASK one of {', '.join(TASKS)}")
         steps[task] = int(value)
     suite = replace(suite, tasks=tuple(args.tasks or suite.tasks), arms=tuple(args.optimizers or suite.arms),
-                    seeds=args.seeds or suite.seeds, options=options, steps=steps)
+                    seeds=args.seeds or suite.seeds, options=options, steps=steps, schedule=args.schedule)
     out = Path(args.out or f"bench-out/{args.suite}")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--set", nargs="+", metavar="TASK.OPTION=VALUE",
                        help="task options, e.g. gpt-bytes.norm=peri gpt-bytes.width=64 gpt-bytes.qk_norm=true")
     bench.add_argument("--steps", nargs="+", metavar="TASK=N", help="budget per task (its own schedule)")
+    bench.add_argument("--schedule", choices=["cosine", "wsd", "linear", "power", "none"], default="cosine",
+                       help="lr schedule of every arm (default cosine; Schedule-Free arms always run without one)")
     bench.add_argument("--backend", choices=["local", "ray"], default="local")
     bench.add_argument("--address", default=None, help="Ray cluster address (with --backend ray)")
     bench.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -69,6 +69,8 @@ SPECS: dict[str, OptimizerSpec] = {s.name: s for s in [
     OptimizerSpec("fira", optim.Fira, F.LOW_RANK, "2410.01623", parity="fira"),
     OptimizerSpec("frugal", optim.Frugal, F.LOW_RANK, "2411.07837"),
     OptimizerSpec("gradnormlorp", optim.GradNormLoRP, F.LOW_RANK, "2412.19616", reconstructed=True),
+    OptimizerSpec("schedulefree-adamw", optim.ScheduleFreeAdamW, F.ADAM, "2405.15682", parity="schedulefree"),
+    OptimizerSpec("schedulefree-sgd", optim.ScheduleFreeSGD, F.SGD, "2405.15682", parity="schedulefree"),
 ]}
 
 

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..memory import state_bytes
 from ..ops import gnb_sampled_loss
+from .. import schedules
 from ..ops.curves import warmup_cosine
 from ..optim import AdamW, Muon, MuonPP, Spectra
 from ..partition import MATRIX, param_groups, tensor_label
@@ -79,6 +80,9 @@ BENCH: dict[str, tuple[float, dict[str, Any], str | None, tuple[str, dict] | Non
     "fira": (1e-2, {"rank": 0.25, "update_proj_gap": 50}, None, None),
     "frugal": (3e-3, {"update_gap": 50}, None, None),
     "gradnormlorp": (1e-2, {"rank": 0.25, "update_proj_gap": 50}, None, None),
+    # Schedule-Free: its own averaging replaces the schedule (the harness' cosine still multiplies the lr)
+    "schedulefree-adamw": (3e-3, {}, None, None),
+    "schedulefree-sgd": (1e-1, {}, None, None),
 }
 
 
@@ -137,10 +141,35 @@ def applicable(arm: Arm, task) -> bool:
     return task.matrices or not arm.matrix_only
 
 
+#: the harness' schedules (``--schedule``): name → (description recorded in each trial, multiplier(step, total,
+#: warm-up steps)).  The cosine description is the protocol-v1 string, so earlier results keep their hashes.
+SCHEDULES: dict[str, tuple[str, Callable[[int, int, int], float]]] = {
+    "cosine": ("warmup 5% + cosine to 0", warmup_cosine),
+    "wsd": ("warmup 5% + WSD, 1-sqrt decay over the last 20 %",
+            lambda t, total, w: schedules.wsd(t + 1, total, w, 0.2, "1-sqrt", warmup_start=0.0)),
+    "linear": ("warmup 5% + linear decay to 0", lambda t, total, w: schedules.linear_decay(t + 1, total, w)),
+    "power": ("warmup 5% + the Power scheduler's n^-0.51, 1 at the end of warm-up",
+              lambda t, total, w: (t + 1) / w if t + 1 < w else ((t + 1) / w) ** -0.51),
+    "none": ("constant lr (no warm-up; Schedule-Free arms: their own 5% warm-up)", lambda t, total, w: 1.0),
+}
+
+#: arms whose optimizer replaces the schedule: they always run with ``none`` and get the harness' warm-up as
+#: their own ``warmup_steps``
+OWN_SCHEDULE = ("schedulefree-adamw", "schedulefree-sgd")
+
+
+def schedule_for(arm: str, schedule: str) -> str:
+    """The schedule an arm runs under ``--schedule schedule`` (Schedule-Free arms: always ``none``)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    return "none" if arm in OWN_SCHEDULE else schedule
+
+
 class ArmOptimizer:
     """The arm's optimizer on the rule group plus the shared AdamW fallback: one ``step``."""
 
-    def __init__(self, arm: Arm, problem: Problem, lr: float, total_steps: int, warmup_fraction: float = 0.05):
+    def __init__(self, arm: Arm, problem: Problem, lr: float, total_steps: int, warmup_fraction: float = 0.05,
+                 schedule: str = "cosine"):
         self.arm, self.problem = arm, problem
         params = param_groups(problem.model) if problem.routed else [{"params": list(problem.model.parameters())}]
         rule = [p for g in params if not problem.routed or g["name"] == MATRIX for p in g["params"]]
@@ -156,7 +185,11 @@ class ArmOptimizer:
         if rest:
             self.optimizers.append(AdamW([{"params": rest}], lr=FALLBACK_LR, weight_decay=0.0))
         warmup = max(1, int(warmup_fraction * total_steps))
-        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: warmup_cosine(step, total_steps, warmup))
+        if arm.name in OWN_SCHEDULE:
+            for g in self.rule.param_groups:
+                g["warmup_steps"] = warmup
+        curve = SCHEDULES[schedule_for(arm.name, schedule)][1]
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: curve(step, total_steps, warmup))
                            for o in self.optimizers]
 
     def zero_grad(self) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from .arms import ARMS, ArmOptimizer
+from .arms import ARMS, SCHEDULES, ArmOptimizer, schedule_for
 from .store import trial_id, write_trial
 from .tasks import TASKS
 
@@ -23,7 +23,7 @@ DIVERGENCE_FACTOR = 10.0   # val above 10Ã— its initial value (or non-finite) â‡
 
 
 def resolve(task: str, arm: str, lr: float, seed: int, steps: int, phase: str, options: dict | None = None,
-            evals: int = 20) -> dict[str, Any]:
+            evals: int = 20, schedule: str = "cosine") -> dict[str, Any]:
     """The full configuration a trial is hashed from."""
     t, a = TASKS[task], ARMS[arm]
     unknown = set(options or {}) - set(t.options)
@@ -32,7 +32,7 @@ def resolve(task: str, arm: str, lr: float, seed: int, steps: int, phase: str, o
     return {"protocol": PROTOCOL, "task": task, "task_options": {**t.options, **(options or {})}, "arm": arm,
             "arm_kwargs": a.kwargs,
             "lr": lr, "seed": seed, "steps": steps, "phase": phase, "evals": evals,
-            "schedule": "warmup 5% + cosine to 0", "weight_decay": 0.0}
+            "schedule": SCHEDULES[schedule_for(arm, schedule)][0], "weight_decay": 0.0}
 
 
 @lru_cache(maxsize=1)
@@ -59,7 +59,8 @@ def run_trial(config: dict[str, Any], db_path: str | None = None) -> dict[str, A
     task, arm = TASKS[config["task"]], ARMS[config["arm"]]
     steps = config["steps"]
     problem = task.problem(config["seed"], **config["task_options"])
-    opt = ArmOptimizer(arm, problem, config["lr"], steps)
+    name = next(k for k, (description, _) in SCHEDULES.items() if description == config["schedule"])
+    opt = ArmOptimizer(arm, problem, config["lr"], steps, schedule=name)
     init_val = problem.evaluate()["val"]
     eval_at = set(np.linspace(0, steps, config["evals"] + 1).round().astype(int).tolist()[1:])
     curve = [(0, "val", init_val, 0.0, 0.0)]

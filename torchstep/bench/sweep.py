@@ -42,6 +42,7 @@ class Suite:
     steps: dict[str, int] | None = None    # task → budget override
     grid_points: int = 4
     options: dict[str, dict] | None = None  # task → option overrides (e.g. gpt-bytes width / norm)
+    schedule: str = "cosine"                # the harness' lr schedule for every arm (bench/arms.py: SCHEDULES)
 
     def budget(self, task: str) -> int:
         return (self.steps or {}).get(task, TASKS[task].steps)
@@ -58,7 +59,7 @@ def plan(suite: Suite, done: dict[str, dict]) -> tuple[list[dict], dict[tuple[st
             grid, extensions = lr_grid(ARMS[arm].default_lr, suite.grid_points), 0
             while True:
                 opts = (suite.options or {}).get(task, {})
-                configs = {lr: resolve(task, arm, lr, 0, steps, "tune", opts) for lr in grid}
+                configs = {lr: resolve(task, arm, lr, 0, steps, "tune", opts, schedule=suite.schedule) for lr in grid}
                 missing = [c for c in configs.values() if trial_id(c) not in done]
                 if missing:
                     pending += missing
@@ -71,7 +72,8 @@ def plan(suite: Suite, done: dict[str, dict]) -> tuple[list[dict], dict[tuple[st
                     continue
                 status[(task, arm)] = {"grid": grid, "best": best, "edge": on_edge}
                 if best is not None:
-                    finals = [resolve(task, arm, best, s, steps, "final", opts) for s in range(1, suite.seeds)]
+                    finals = [resolve(task, arm, best, s, steps, "final", opts, schedule=suite.schedule)
+                              for s in range(1, suite.seeds)]
                     pending += [c for c in finals if trial_id(c) not in done]
                 break
     return pending, status

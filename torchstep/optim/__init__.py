@@ -16,6 +16,7 @@ from .matrix import MatrixRule
 from .muon import Muon
 from .muonpp import MuonPP
 from .normuon import NorMuon
+from .schedulefree import ScheduleFree, ScheduleFreeAdamW, ScheduleFreeSGD
 from .sinkgd import SinkGD
 from .sophia import SophiaG, SophiaH
 from .spam import SPAM, StableSPAM
@@ -26,4 +27,5 @@ from .wrapper import OptimizerWrapper
 __all__ = ["TorchstepOptimizer", "Rule", "ElementwiseRule", "MatrixRule", "MatrixHybrid", "OptimizerWrapper",
            "AdamW", "Lion", "AdamP", "SGDP", "DiffGrad", "SophiaG", "SophiaH", "SPAM", "StableSPAM", "CLASSP", "Muon",
            "NorMuon", "MuonPP", "Lanton", "SinkGD", "SWAN", "Spectra", "GaLore", "Fira", "Frugal", "GradNormLoRP",
-           "ProjectedOptimizer", "ProjectedRule", "LowRankBase"]
+           "ProjectedOptimizer", "ProjectedRule", "LowRankBase",
+           "ScheduleFree", "ScheduleFreeAdamW", "ScheduleFreeSGD"]
