@@ -59,7 +59,21 @@ class WSD(MultiplierLR):
         return F.wsd(step, **self.kw)
 
 
-class LinearDecay(MultiplierLR):
+class _WarmupDecayLR(MultiplierLR):
+    """Warm-up then a decay to ``final`` given by the class's ``function`` (subclasses: the two below)."""
+
+    function = staticmethod(F.linear_decay)
+
+    def __init__(self, optimizer, total_steps: int, warmup_steps: int = 0, final: float = 0.0,
+                 last_epoch: int = -1) -> None:
+        self.kw = dict(total_steps=total_steps, warmup_steps=warmup_steps, final=final)
+        super().__init__(optimizer, last_epoch)
+
+    def multiplier(self, step):
+        return self.function(step, **self.kw)
+
+
+class LinearDecay(_WarmupDecayLR):
     """Warm-up then linear decay to ``final``: :func:`torchstep.schedules.linear_decay`.
 
     Args:
@@ -68,16 +82,10 @@ class LinearDecay(MultiplierLR):
         last_epoch: as torch's schedulers.
     """
 
-    def __init__(self, optimizer, total_steps: int, warmup_steps: int = 0, final: float = 0.0,
-                 last_epoch: int = -1) -> None:
-        self.kw = dict(total_steps=total_steps, warmup_steps=warmup_steps, final=final)
-        super().__init__(optimizer, last_epoch)
-
-    def multiplier(self, step):
-        return F.linear_decay(step, **self.kw)
+    function = staticmethod(F.linear_decay)
 
 
-class Cosine(MultiplierLR):
+class Cosine(_WarmupDecayLR):
     """Warm-up then cosine to ``final``: :func:`torchstep.schedules.cosine`.
 
     Args:
@@ -86,13 +94,7 @@ class Cosine(MultiplierLR):
         last_epoch: as torch's schedulers.
     """
 
-    def __init__(self, optimizer, total_steps: int, warmup_steps: int = 0, final: float = 0.0,
-                 last_epoch: int = -1) -> None:
-        self.kw = dict(total_steps=total_steps, warmup_steps=warmup_steps, final=final)
-        super().__init__(optimizer, last_epoch)
-
-    def multiplier(self, step):
-        return F.cosine(step, **self.kw)
+    function = staticmethod(F.cosine)
 
 
 class Constant(MultiplierLR):
