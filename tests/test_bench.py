@@ -425,7 +425,13 @@ def test_pareto_front_keeps_exactly_the_non_dominated_arms():
 
 def test_bench_memory_state_is_exact_per_method():
     from torchstep.bench import memory
-    rows = {r["arm"]: r for r in memory.measure(["adamw", "galore"], width=64, depth=1, context=16)}
+    class Rows(list):           # in-process (measure() spawns one process per arm; the same function runs)
+        put = list.append
+    rows, threads = Rows(), torch.get_num_threads()
+    for arm in ("adamw", "galore"):
+        memory._one(arm, 64, 1, 16, 1, "cpu", rows)
+    torch.set_num_threads(threads)
+    rows = {r["arm"]: r for r in rows}
     # hidden matrices of one block at width 64: qkv 192×64, proj 64×64, MLP 256×64 and 64×256 (rank 16 = 64/4)
     shapes = [(192, 64), (64, 64), (256, 64), (64, 256)]
     n = sum(m * k for m, k in shapes)
