@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from ..memory import state_bytes
-from ..partition import MATRIX, param_groups
-from .arms import ARMS, FALLBACK_LR
+from .arms import ARMS, ArmOptimizer
 from .gpt import GPT, GPTConfig
+from .tasks import Problem
 
 DEFAULT_ARMS = ("adamw", "galore", "fira", "frugal", "gradnormlorp", "torch-adafactor", "muon-fp32")
 
@@ -32,26 +32,17 @@ def _one(arm_name: str, width: int, depth: int, context: int, batch: int, device
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = GPT(GPTConfig(context=context, width=width, depth=depth, heads=max(1, width // 64))).to(device)
-    arm = ARMS[arm_name]
-    groups = param_groups(model)
-    rule = [p for g in groups if g["name"] == MATRIX for p in g["params"]]
-    rest = [p for g in groups if g["name"] != MATRIX for p in g["params"]]
-    if arm.accepts is not None:
-        rest += [p for p in rule if not arm.accepts(p)]
-        rule = [p for p in rule if arm.accepts(p)]
-    opts = [arm.make([{"params": rule}], arm.default_lr)]
-    from ..optim import AdamW
-    opts.append(AdamW([{"params": rest}], lr=FALLBACK_LR, weight_decay=0.0))
     idx = torch.randint(0, 256, (batch, context + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    problem = Problem(model, lambda step: model.loss(idx[:, :-1], idx[:, 1:]), lambda: {})
+    opt = ArmOptimizer(ARMS[arm_name], problem, ARMS[arm_name].default_lr, total_steps=1)   # the sweep's routing
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model.loss(idx[:, :-1], idx[:, 1:]).backward()
-    for o in opts:
-        o.step()
+    problem.train_loss(0).backward()
+    opt.step()
     queue.put({
         "arm": arm_name, "params": sum(p.numel() for p in model.parameters()),
-        "matrix_params": sum(p.numel() for p in rule),
-        "state": state_bytes(opts[0]), "fallback_state": state_bytes(opts[1]),
+        "matrix_params": sum(p.numel() for g in opt.rule.param_groups for p in g["params"]),
+        "state": state_bytes(opt.rule), "fallback_state": sum(state_bytes(o) for o in opt.optimizers[1:]),
         "cuda_peak": torch.cuda.max_memory_allocated() if device == "cuda" else None,
         "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     })

@@ -11,13 +11,12 @@ from ..ops.projectors import (COORDINATE_AXES, coordinate_basis, project, projec
                               random_basis, refresh_basis, PROJ_TYPES)
 from ..ops.shapes import as_matrix
 from ._base import Rule, check_choice, check_range, invalid, scalar, step_of
-from .galore import ProjectedOptimizer, base_keys
+from .galore import BASIS_PREFIX, ProjectedOptimizer, base_keys, basis_of
 from .lowrank import check_base_hyperparameters, resolve_base
 
 PROJECTIONS = ("block", "coordinate", "svd", "random")
 BLOCK_ORDERS = ("random", "ascending", "descending", "mirror")
 INACTIVE_RULES = ("sign_sgd", "sgd", "none")
-_BASIS_PREFIX = "proj_"
 
 
 def _mix(*ints: int) -> int:
@@ -99,10 +98,11 @@ class FrugalRule(Rule):
 
     batched = False
 
-    def update(self, params, grads, states, group, positions=None, clock=None):
-        """``positions``: each tensor's index among the group's matrices; ``clock``: the group's step (the
-        refresh schedule is the group's, as in the author code; default: each tensor's own step)."""
-        count = sum(1 for p in group["params"] if p.dim() >= 2)
+    def update(self, params, grads, states, group, positions=None, clock=None, count=None):
+        """``positions``: each tensor's index among the group's ``count`` matrices; ``clock``: the group's step
+        (the refresh schedule is the group's, as in the author code; default: each tensor's own step)."""
+        if count is None:
+            count = sum(1 for p in group["params"] if p.dim() >= 2)
         for i, (p, grad, state) in enumerate(zip(params, grads, states)):
             self.update_one(p, grad, state, group, positions[i] if positions else i, count,
                             clock if clock is not None else step_of(state))
@@ -130,7 +130,7 @@ class FrugalRule(Rule):
                 return
             residual = G
         else:
-            basis = self._subspace(G, state, group, position, k, t) if refresh else self._basis(state)
+            basis = self._subspace(G, state, group, position, k, t) if refresh else basis_of(state)
             low = project(G, basis)
             direction, c = base.direction(low, state, group, t - state["reset_step"])
             p.add_(project_back(direction, basis, tuple(G.shape)).reshape(p.shape), alpha=-lr_p * c)
@@ -138,10 +138,6 @@ class FrugalRule(Rule):
         step = _inactive_direction(residual, group["inactive_update_rule"])
         if step is not None:
             p.add_(step.reshape(p.shape), alpha=-lr_p * group["inactive_lr_scale"])
-
-    @staticmethod
-    def _basis(state):
-        return {k[len(_BASIS_PREFIX):]: v for k, v in state.items() if k.startswith(_BASIS_PREFIX)}
 
     @staticmethod
     def _new_block(G, state, group, position, count, k, t):
@@ -166,13 +162,13 @@ class FrugalRule(Rule):
             side = projection_side(shape, group["proj_type"])
             dim = {"left": shape[0], "right": shape[1], "full": min(shape)}[side]
             rank = round(dim * density)
-            new = (refresh_basis(G, rank, side, self._basis(state) or None, seed) if projection == "svd"
+            new = (refresh_basis(G, rank, side, basis_of(state) or None, seed) if projection == "svd"
                    else random_basis(shape, rank, side, seed, G.device, G.dtype))
             new = {key: v.to(G.dtype) for key, v in new.items()}
-        for key in [key for key in state if key.startswith(_BASIS_PREFIX)]:
+        for key in [key for key in state if key.startswith(BASIS_PREFIX)]:
             del state[key]
         for key, value in new.items():
-            state[_BASIS_PREFIX + key] = value
+            state[BASIS_PREFIX + key] = value
         base = resolve_base(group["base"])
         if group["reset_statistics"] or "reset_step" not in state:
             for key in base_keys(base, group):
@@ -273,7 +269,7 @@ class Frugal(ProjectedOptimizer):
                                     {id(p): i for i, p in enumerate(q for q in group["params"] if q.dim() >= 2)})
         index = self._positions[key][1]
         self.rule.update(works, grads, states, group, positions=[index.get(id(p), -1) for p in params],
-                         clock=self._clocks[key])
+                         clock=self._clocks[key], count=len(index))    # called per tensor: nothing O(N) here
 
 
 __all__ = ["Frugal", "FRUGAL", "active_blocks", "PROJECTIONS", "BLOCK_ORDERS", "INACTIVE_RULES"]

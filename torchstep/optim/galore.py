@@ -21,7 +21,7 @@ from .lowrank import BASES, check_base_hyperparameters, resolve_base
 
 MOMENT_POLICIES = ("keep", "reproject", "reset")
 COMPATS = ("paper", "official")
-_BASIS_PREFIX = "proj_"
+BASIS_PREFIX = "proj_"
 
 
 def is_projected(p: Tensor, group: dict[str, Any]) -> bool:
@@ -30,7 +30,7 @@ def is_projected(p: Tensor, group: dict[str, Any]) -> bool:
 
 def basis_of(state: dict[str, Any]) -> dict[str, Tensor]:
     """The subspace basis stored in a parameter's state (``proj_u`` / ``proj_v``), as plain tensors."""
-    return {k[len(_BASIS_PREFIX):]: v for k, v in state.items() if k.startswith(_BASIS_PREFIX)}
+    return {k[len(BASIS_PREFIX):]: v for k, v in state.items() if k.startswith(BASIS_PREFIX)}
 
 
 def check_projection(group: dict[str, Any]) -> None:
@@ -50,9 +50,10 @@ def check_projection(group: dict[str, Any]) -> None:
     check_choice("compat", group["compat"], COMPATS)
     base = resolve_base(group["base"])
     base.check(group)
-    if group["moments"] == "reproject" and set(base_keys(base, group)) - set(base.state_keys):
+    unmovable = set(base_keys(base, group)) - set(base.state_keys)
+    if group["moments"] == "reproject" and unmovable:
         raise invalid("moments", "reproject", f"'keep' or 'reset' for base {base.name!r} (its state "
-                      f"{sorted(set(base_keys(base, group)) - set(base.state_keys))} has no change of basis)")
+                      f"{sorted(unmovable)} has no change of basis)")
     if group["compat"] == "official" and group["moments"] != "keep":
         raise invalid("moments", group["moments"], "'keep' with compat='official' (the official code neither "
                       "re-projects nor resets the moments)")
@@ -124,7 +125,7 @@ class ProjectedRule(Rule):
         if old:
             move_state(state, group, old, new, t)
         for key, value in new.items():
-            state[_BASIS_PREFIX + key] = value
+            state[BASIS_PREFIX + key] = value
         return new
 
 
