@@ -151,7 +151,8 @@ def test_galore_official_parity_with_galore_torch_across_refreshes():
         warnings.simplefilter("ignore")
         _train(a, ref, 30)
     _train(b, ours, 30)                          # 30 steps, refreshes at steps 1, 8, 15, 22, 29
-    assert _max_diff(a, b) < 1e-6                # measured 2.1e-7 (float32 rounding of the step size)
+    print(f"GaLore vs galore-torch: max |Δθ| = {_max_diff(a, b):.2g}")      # shown with pytest -s
+    assert _max_diff(a, b) < 1e-6                # measured 1.8e-7 (float32 rounding of the step size)
 
 
 def test_svd_is_called_exactly_at_steps_1_T_plus_1_2T_plus_1(monkeypatch):
@@ -293,7 +294,8 @@ def test_fira_official_parity_with_the_fira_package(alpha):
         warnings.simplefilter("ignore")
         _train(a, ref, 30)
     _train(b, ours, 30)
-    assert _max_diff(a, b) < 1e-6                            # measured 3.0e-7
+    print(f"Fira vs fira (α = {alpha}): max |Δθ| = {_max_diff(a, b):.2g}")  # shown with pytest -s
+    assert _max_diff(a, b) < 1e-6                            # measured 2.4e-7 (α = 1), 1.0e-7 (α = 0.25)
 
 
 def _fira_inputs(shape=(8, 14), rank=3, seed=0):
