@@ -161,21 +161,30 @@ def _cli(*args, **kw):
     return subprocess.run([sys.executable, "-m", "torchstep.cli", *args], capture_output=True, text=True, env=env, **kw)
 
 
-def test_cli_bad_input_gets_one_line_errors(tmp_path):
-    r = _cli("bench", "--tasks", "nope", "--out", str(tmp_path))
+def _cli_error(capsys, *args) -> str:
+    """Run the CLI in-process; it must exit with status 2 and one stderr line, which is returned."""
+    from torchstep import cli
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(list(args))
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_cli_bad_input_gets_one_line_errors(tmp_path, capsys):
+    r = _cli("bench", "--tasks", "nope", "--out", str(tmp_path))    # the real process: status 2, one line
     assert r.returncode == 2 and "unknown task nope; valid: quadratic" in r.stderr
-    r = _cli("bench", "--optimizers", "adam", "--out", str(tmp_path))
-    assert r.returncode == 2 and "unknown optimizer adam; valid: adamw, sgd, torch-muon" in r.stderr
-    r = _cli("bench", "--seeds", "0", "--out", str(tmp_path))
-    assert r.returncode == 2 and "invalid --seeds 0" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "unknown optimizer adam; valid: adamw, sgd, torch-muon" in _cli_error(
+        capsys, "bench", "--optimizers", "adam", "--out", str(tmp_path))
+    assert "invalid --seeds 0" in _cli_error(capsys, "bench", "--seeds", "0", "--out", str(tmp_path))
     blocker = tmp_path / "file"
     blocker.write_text("")
-    r = _cli("bench", "--suite", "smoke", "--out", str(blocker / "sub"))
-    assert r.returncode == 2 and "not writable" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = _cli("bench", "--set", "gpt-bytes.widht=3", "--out", str(tmp_path))
-    assert r.returncode == 2 and "invalid --set 'gpt-bytes.widht=3'" in r.stderr
-    r = _cli("report", str(tmp_path / "empty"))
-    assert r.returncode == 2 and "no results database" in r.stderr
+    assert "not writable" in _cli_error(capsys, "bench", "--suite", "smoke", "--out", str(blocker / "sub"))
+    assert "invalid --set 'gpt-bytes.widht=3'" in _cli_error(capsys, "bench", "--set", "gpt-bytes.widht=3",
+                                                               "--out", str(tmp_path))
+    assert "no results database" in _cli_error(capsys, "report", str(tmp_path / "empty"))
 
 
 # A test-only sitecustomize for the sweep subprocess (its spawned workers inherit PYTHONPATH and import it too),

@@ -10,7 +10,8 @@ Protocol per (task, arm):
 
 The plan is a pure function of the results already in the database, so re-running the same command
 recomputes it, skips finished trials and continues.  Trials run in a pool of worker processes with one
-torch thread each; each worker commits its own trial to SQLite.
+torch thread each (one pool per sweep; the plan is re-read as trials finish); each worker commits
+its own trial to SQLite.
 """
 from __future__ import annotations
 
@@ -89,16 +90,31 @@ def _run(config: dict, db: str) -> str:
     return trial_id(config)
 
 
-def run_local(configs: list[dict], db: str, workers: int, on_done: Callable[[str, list[str]], None]) -> None:
+def _name(c: dict) -> str:
+    return f"{c['task']}/{c['arm']}@{c['lr']:g}#{c['seed']}"
+
+
+def run_local(next_pending: Callable[[], list[dict]], db: str, workers: int,
+              on_done: Callable[[str, list[str]], None]) -> None:
+    """Run trials in one pool until ``next_pending()`` has nothing new and nothing is in flight.
+
+    The plan is re-read after every finished trial, so a finished grid starts its extension or its final
+    seeds at once, in the same workers (one spawn per sweep instead of one per stage)."""
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
-        futures = {pool.submit(_run, c, db): f"{c['task']}/{c['arm']}@{c['lr']:g}#{c['seed']}" for c in configs}
+        futures: dict = {}
         try:
-            while futures:
+            while True:
+                flying = {trial_id(c) for c, _ in futures.values()}
+                for c in next_pending():
+                    if trial_id(c) not in flying:
+                        futures[pool.submit(_run, c, db)] = (c, _name(c))
+                if not futures:
+                    return
                 finished, _ = wait(futures, return_when=FIRST_COMPLETED)
                 for f in finished:
-                    name = futures.pop(f)
+                    _, name = futures.pop(f)
                     f.result()
-                    on_done(name, list(futures.values())[:workers])
+                    on_done(name, [n for _, n in futures.values()][:workers])
         except KeyboardInterrupt:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -109,7 +125,7 @@ def run_ray(configs: list[dict], db: str, address: str | None, on_done: Callable
     ray.init(address=address, ignore_reinit_error=True, include_dashboard=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     remote = ray.remote(num_cpus=1)(_run)
-    refs = {remote.remote(c, db): f"{c['task']}/{c['arm']}@{c['lr']:g}#{c['seed']}" for c in configs}
+    refs = {remote.remote(c, db): _name(c) for c in configs}
     while refs:
         ready, _ = ray.wait(list(refs), num_returns=1)
         for ref in ready:
@@ -138,22 +154,27 @@ def sweep(suite: Suite, out: str | Path, workers: int | None = None, backend: st
             bar.set_postfix_str(f"last {name}")
             current.set_description_str("running: " + ", ".join(running))
 
+    def next_pending() -> list[dict]:
+        done = {row["trial_id"]: row for row in trials(db)}
+        pending, _ = plan(suite, done)
+        if bar is not None:
+            bar.total = len(done) + len(pending)
+            bar.n = len(done)
+            bar.refresh()
+        return pending
+
     deaths = 0
     try:
         while True:
-            done = {row["trial_id"]: row for row in trials(db)}
-            pending, _ = plan(suite, done)
-            if not pending:
-                break
-            if bar is not None:
-                bar.total = len(done) + len(pending)
-                bar.n = len(done)
-                bar.refresh()
             if backend == "ray":
+                pending = next_pending()
+                if not pending:
+                    break
                 run_ray(pending, str(db), address, on_done)
                 continue
             try:
-                run_local(pending, str(db), workers, on_done)
+                run_local(next_pending, str(db), workers, on_done)
+                break
             except BrokenProcessPool:   # a worker was killed: its trial never committed, so re-plan
                 deaths += 1
                 print(f"torchstep: a worker process died ({deaths}/{MAX_WORKER_DEATHS}); resuming",
