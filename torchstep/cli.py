@@ -56,19 +56,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         fail(f"invalid --seeds {args.seeds}; valid: an integer >= 1")
     if args.workers is not None and args.workers < 1:
         fail(f"invalid --workers {args.workers}; valid: an integer >= 1")
-    options: dict[str, dict] = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        task, dot, name = key.partition(".")
-        if not sep or not dot or task not in TASKS or name not in TASKS[task].options:
-            valid = "; ".join(f"{t}.{{{','.join(TASKS[t].options)}}}" for t in TASKS if TASKS[t].options)
-            fail(f"invalid --set {item!r}; use TASK.OPTION=VALUE with one of: {valid}")
-        default = TASKS[task].options[name]
-        try:
-            options.setdefault(task, {})[name] = (value.lower() in ("1", "true", "yes")) if isinstance(default, bool) \
-                else type(default)(value)
-        except ValueError:
-            fail(f"invalid --set {item!r}; {name} takes a {type(default).__name__}")
+    options = task_options(args.set)
     steps = dict(suite.steps or {})
     for item in args.steps or []:
         task, _, value = item.partition("=")
@@ -141,6 +129,54 @@ def cmd_report(args: argparse.Namespace) -> None:
     export(args.dir, args.export)
 
 
+def task_options(items: list[str] | None) -> dict[str, dict]:
+    """``--set TASK.OPTION=VALUE …`` → task → {option: value typed like its default}; one-line errors."""
+    from .bench.tasks import TASKS
+    options: dict[str, dict] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        task, dot, name = key.partition(".")
+        if not sep or not dot or task not in TASKS or name not in TASKS[task].valid_options:
+            valid = "; ".join(f"{t}.{{{','.join(TASKS[t].valid_options)}}}" for t in TASKS if TASKS[t].valid_options)
+            fail(f"invalid --set {item!r}; use TASK.OPTION=VALUE with one of: {valid}")
+        default = TASKS[task].valid_options[name]
+        try:
+            options.setdefault(task, {})[name] = (value.lower() in ("1", "true", "yes")) if isinstance(default, bool) \
+                else type(default)(value)
+        except ValueError:
+            fail(f"invalid --set {item!r}; {name} takes a {type(default).__name__}")
+    return options
+
+
+def cmd_bench_transfer(args: argparse.Namespace) -> None:
+    """``torchstep bench transfer``: best lr across widths on gpt-bytes, standard parametrisation vs μP."""
+    from pathlib import Path
+
+    from .bench import transfer
+    from .bench.arms import ARMS
+    unknown = [a for a in args.optimizers if a not in ARMS]
+    if unknown:
+        fail(f"unknown optimizer {', '.join(unknown)}; valid: {', '.join(ARMS)}")
+    if len(args.widths) < 2 or min(args.widths) < 1:
+        fail(f"invalid --widths {args.widths}; valid: two or more positive widths")
+    options = task_options(args.set)
+    if set(options) - {"gpt-bytes"} or {"width", "mup_base_width"} & set(options.get("gpt-bytes", {})):
+        fail("invalid --set; only gpt-bytes options other than width and mup_base_width")
+    out = Path(args.out or "bench-out/lr-transfer")
+    _, rows = transfer.run(out, tuple(args.optimizers), tuple(args.widths), steps=args.steps, seeds=args.seeds,
+                           grid_points=args.grid_points, options=options.get("gpt-bytes", {}),
+                           workers=args.workers, progress=not args.quiet)
+    fmt = lambda x, f: "–" if x is None else format(x, f)
+    table = markdown_table(("optimizer", "param.", "width", "best lr", "best val", "val at base lr − best"),
+                           [(r["arm"], r["param"], str(r["width"]), fmt(r["best_lr"], "g"), fmt(r["best_val"], ".4f"),
+                             fmt(r["regret"], "+.4f")) for r in rows])
+    spreads = "\n".join(f"- {a}, {p}: best lr spread {transfer.spread(rows, a, p):.0f} half-decade(s) across widths"
+                         for a in args.optimizers for p in transfer.PARAMETRISATIONS)
+    text = f"{table}\n\n{spreads}\n"
+    (out / "lr-transfer.md").write_text(text)
+    print(text + f"figure: {out / 'lr-transfer.png'}")
+
+
 def cmd_width_sweep(args: argparse.Namespace) -> None:
     """``torchstep width-sweep``: the spectral-ratio table of ``bench.arms.WIDTH_SWEEP_ARMS`` across widths."""
     import torch
@@ -193,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--set", nargs="+", metavar="TASK.OPTION=VALUE",
                        help="task options, e.g. gpt-bytes.norm=peri gpt-bytes.width=64 gpt-bytes.qk_norm=true")
     bench.add_argument("--steps", nargs="+", metavar="TASK=N", help="budget per task (its own schedule)")
-    bench.add_argument("--schedule", choices=["cosine", "wsd", "linear", "power", "none"], default="cosine",
-                       help="lr schedule of every arm (default cosine; Schedule-Free arms always run without one)")
+    bench.add_argument("--schedule", choices=["cosine", "wsd", "linear", "power", "refined", "none"],
+                       default="cosine", help="lr schedule of every arm (default cosine; refined: two passes per "
+                       "trial; Schedule-Free arms always run without one)")
     bench.add_argument("--backend", choices=["local", "ray"], default="local")
     bench.add_argument("--address", default=None, help="Ray cluster address (with --backend ray)")
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -202,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also export every trial's curve (batched, after training)")
     bench.set_defaults(func=cmd_bench)
     # optional, so that plain `torchstep bench --suite …` is the sweep
-    bench_sub = bench.add_subparsers(dest="bench_command", metavar="{speed,memory}",
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="{speed,memory,transfer}",
                                      help="`speed`: the step-time microbenchmark, `memory`: optimizer-state "
                                           "bytes of one GPT step (their own flags; see `torchstep bench speed "
                                           "-h`); without one, the sweep")
@@ -224,6 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="arms (default: adamw, the four low-rank methods, torch-adafactor, muon-fp32)")
     mem.add_argument("--out", default=None, metavar="FILE", help="also write the table to FILE (markdown)")
     mem.set_defaults(func=cmd_bench_memory)
+    tr = bench_sub.add_parser("transfer", help="best lr across widths on gpt-bytes: standard parametrisation vs μP",
+                              description="One harness sweep per (parametrisation, width) of gpt-bytes; μP is "
+                                          "relative to the smallest width. Writes lr-transfer.md and .png.")
+    tr.add_argument("--widths", nargs="+", type=int, default=[32, 64, 128, 256])
+    tr.add_argument("--optimizers", nargs="+", default=["adamw"], metavar="ARM")
+    tr.add_argument("--steps", type=int, default=300)
+    tr.add_argument("--seeds", type=int, default=1)
+    tr.add_argument("--grid-points", type=int, default=6, help="lr grid points (half-decades) before extension")
+    tr.add_argument("--set", nargs="+", metavar="gpt-bytes.OPTION=VALUE", help="other gpt-bytes options")
+    tr.add_argument("--workers", type=int, default=None)
+    tr.add_argument("--out", default=None, help="output directory (default bench-out/lr-transfer)")
+    tr.add_argument("--quiet", action="store_true")
+    tr.set_defaults(func=cmd_bench_transfer)
     sl = sub.add_parser("steplaw", help="optimal lr and batch size from model size and tokens (Step Law)")
     sl.add_argument("--params", type=float, required=True, help="parameters (non-embedding, or give --embedding-params)")
     sl.add_argument("--tokens", type=float, required=True, help="training tokens")

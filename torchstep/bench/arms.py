@@ -151,7 +151,13 @@ SCHEDULES: dict[str, tuple[str, Callable[[int, int, int], float]]] = {
     "power": ("warmup 5% + the Power scheduler's n^-0.51, 1 at the end of warm-up",
               lambda t, total, w: (t + 1) / w if t + 1 < w else ((t + 1) / w) ** -0.51),
     "none": ("constant lr (no warm-up; Schedule-Free arms: their own 5% warm-up)", lambda t, total, w: 1.0),
+    # two passes in one trial (runner.py): a linear-decay run records gradient norms, the refined schedule
+    # (Defazio et al., arXiv 2310.07831) computed from them drives the second, which is the trial's result
+    "refined": ("two-pass: linear decay recording gradient norms (l1; l2 for SGD), then their refined "
+                "schedule", lambda t, total, w: schedules.linear_decay(t + 1, total, w)),
 }
+#: arms whose refined schedule is computed from ℓ2 gradient norms (the paper's SGD case); ℓ1 for the rest
+SGD_TYPE = ("sgd",)
 
 #: arms whose optimizer replaces the schedule: they always run with ``none`` and get the harness' warm-up as
 #: their own ``warmup_steps``
@@ -169,7 +175,7 @@ class ArmOptimizer:
     """The arm's optimizer on the rule group plus the shared AdamW fallback: one ``step``."""
 
     def __init__(self, arm: Arm, problem: Problem, lr: float, total_steps: int, warmup_fraction: float = 0.05,
-                 schedule: str = "cosine"):
+                 schedule: str = "cosine", curve: Callable[[int, int, int], float] | None = None):
         self.arm, self.problem = arm, problem
         params = param_groups(problem.model) if problem.routed else [{"params": list(problem.model.parameters())}]
         rule = [p for g in params if not problem.routed or g["name"] == MATRIX for p in g["params"]]
@@ -177,7 +183,9 @@ class ArmOptimizer:
         if arm.accepts is not None:      # tensors the rule cannot take join the shared fallback
             rest += [p for p in rule if not arm.accepts(p)]
             rule = [p for p in rule if arm.accepts(p)]
-        self.rule = arm.make([{"params": rule}], lr)
+        # μP (Problem.mup_width_mult = m): element-wise rules take lr/m on the hidden matrices, Muon-type rules
+        # (orthogonal updates with a shape scale) lr itself; the fallback's vector-like tensors keep theirs
+        self.rule = arm.make([{"params": rule}], lr if arm.matrix_only else lr / problem.mup_width_mult)
         if arm.hessian == "gnb":
             for g in self.rule.param_groups:
                 g["bs"] = problem.tokens
@@ -188,7 +196,7 @@ class ArmOptimizer:
         if arm.name in OWN_SCHEDULE:
             for g in self.rule.param_groups:
                 g["warmup_steps"] = warmup
-        curve = SCHEDULES[schedule_for(arm.name, schedule)][1]
+        curve = curve or SCHEDULES[schedule_for(arm.name, schedule)][1]   # ``curve``: an explicit multiplier
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: curve(step, total_steps, warmup))
                            for o in self.optimizers]
 

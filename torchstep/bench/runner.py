@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from .. import __version__
-from .arms import ARMS, SCHEDULES, ArmOptimizer, schedule_for
+from ..schedules.refined import GradNormRecorder, refined_schedule
+from .arms import ARMS, SCHEDULES, SGD_TYPE, ArmOptimizer, schedule_for
 from .store import trial_id, write_trial
 from .tasks import TASKS
 
@@ -26,10 +27,12 @@ def resolve(task: str, arm: str, lr: float, seed: int, steps: int, phase: str, o
             evals: int = 20, schedule: str = "cosine") -> dict[str, Any]:
     """The full configuration a trial is hashed from."""
     t, a = TASKS[task], ARMS[arm]
-    unknown = set(options or {}) - set(t.options)
+    valid = t.valid_options
+    unknown = set(options or {}) - set(valid)
     if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)} for task {task}; valid: {', '.join(t.options) or 'none'}")
-    return {"protocol": PROTOCOL, "task": task, "task_options": {**t.options, **(options or {})}, "arm": arm,
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for task {task}; valid: {', '.join(valid) or 'none'}")
+    chosen = {k: v for k, v in (options or {}).items() if not (k in t.extra_options and v == t.extra_options[k])}
+    return {"protocol": PROTOCOL, "task": task, "task_options": {**t.options, **chosen}, "arm": arm,
             "arm_kwargs": a.kwargs,
             "lr": lr, "seed": seed, "steps": steps, "phase": phase, "evals": evals,
             "schedule": SCHEDULES[schedule_for(arm, schedule)][0], "weight_decay": 0.0}
@@ -52,23 +55,18 @@ def environment() -> dict[str, Any]:
             "python": platform.python_version(), "cpu": cpu, "nproc": os.cpu_count(), "revision": rev}
 
 
-def run_trial(config: dict[str, Any], db_path: str | None = None) -> dict[str, Any]:
-    """Train, evaluate at ``evals`` evenly spaced points, write to ``db_path`` (if given), return the row."""
-    torch.set_num_threads(1)
-    torch.manual_seed(config["seed"])
-    task, arm = TASKS[config["task"]], ARMS[config["arm"]]
-    steps = config["steps"]
-    problem = task.problem(config["seed"], **config["task_options"])
-    name = next(k for k, (description, _) in SCHEDULES.items() if description == config["schedule"])
-    opt = ArmOptimizer(arm, problem, config["lr"], steps, schedule=name)
+def _train(problem, opt: ArmOptimizer, steps: int, evals: int, recorder: GradNormRecorder | None = None) -> dict:
+    """The training loop: evaluations at ``evals`` evenly spaced steps, divergence check; optional norm record."""
     init_val = problem.evaluate()["val"]
-    eval_at = set(np.linspace(0, steps, config["evals"] + 1).round().astype(int).tolist()[1:])
+    eval_at = set(np.linspace(0, steps, evals + 1).round().astype(int).tolist()[1:])
     curve = [(0, "val", init_val, 0.0, 0.0)]
     cpu0, wall0, opt_cpu, diverged = time.process_time(), time.perf_counter(), 0.0, False
     for step in range(steps):
         loss = problem.train_loss(step)
         opt.zero_grad()
         loss.backward()
+        if recorder is not None:
+            recorder.record()
         t0 = time.process_time()
         opt.step()
         opt_cpu += time.process_time() - t0
@@ -82,13 +80,51 @@ def run_trial(config: dict[str, Any], db_path: str | None = None) -> dict[str, A
                 diverged = True
                 break
     final = problem.evaluate() if not diverged else {"val": float("nan")}
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    return {"init_val": init_val, "final": final, "diverged": diverged, "curve": curve, "opt_cpu": opt_cpu,
+            "cpu_s": cpu, "wall_s": wall, "state_bytes": opt.state_bytes()}
+
+
+def _refined_pass(config: dict, task, arm) -> dict:
+    """``--schedule refined``, pass 1: a linear-decay run at the same lr, seed and data that records the gradient
+    norm of every step (ℓ1 — the paper's choice for Adam-type rules — or ℓ2 for SGD-type arms).  Returns its
+    ``_train`` result plus ``curve_fn``, pass 2's schedule (the refined one), or None if pass 1 diverged."""
+    torch.manual_seed(config["seed"])
+    problem = task.problem(config["seed"], **config["task_options"])
+    norm = "l2" if arm.name in SGD_TYPE else "l1"
+    recorder = GradNormRecorder(problem.model, norm=norm)
+    first = _train(problem, ArmOptimizer(arm, problem, config["lr"], config["steps"], schedule="linear"),
+                   config["steps"], config["evals"], recorder)
+    norms = recorder.norms()
+    ok = not first["diverged"] and len(norms) >= 2 and all(math.isfinite(g) and g > 0 for g in norms)
+    multipliers = refined_schedule(norms, config["steps"], norm=norm) if ok else None
+    return {**first, "curve_fn": (lambda step, total, warmup: multipliers[min(step, len(multipliers) - 1)]) if ok else None}
+
+
+def run_trial(config: dict[str, Any], db_path: str | None = None) -> dict[str, Any]:
+    """Train, evaluate at ``evals`` evenly spaced points, write to ``db_path`` (if given), return the row."""
+    torch.set_num_threads(1)
+    task, arm = TASKS[config["task"]], ARMS[config["arm"]]
+    steps = config["steps"]
+    name = next(k for k, (description, _) in SCHEDULES.items() if description == config["schedule"])
+    first = _refined_pass(config, task, arm) if name == "refined" else None
+    torch.manual_seed(config["seed"])
+    problem = task.problem(config["seed"], **config["task_options"])
+    if first is not None and first["curve_fn"] is None:        # pass 1 diverged: nothing to refine
+        result = {**first, "curve": [(0, "val", first["init_val"], 0.0, 0.0)], "cpu_s": 0.0, "wall_s": 0.0}
+    else:
+        opt = ArmOptimizer(arm, problem, config["lr"], steps, schedule="linear" if first else name,
+                           curve=first and first["curve_fn"])
+        result = _train(problem, opt, steps, config["evals"])
+    init_val, final, diverged, curve = result["init_val"], result["final"], result["diverged"], result["curve"]
+    spent = {k: result[k] + (first[k] if first else 0.0) for k in ("cpu_s", "wall_s", "opt_cpu")}  # both passes
     row = {
         "trial_id": trial_id(config), "task": config["task"], "arm": config["arm"], "lr": config["lr"],
         "seed": config["seed"], "steps": steps, "phase": config["phase"], "config": json.dumps(config, sort_keys=True),
         "env": json.dumps({**environment(), "threads": torch.get_num_threads(), "load": os.getloadavg()}),
         "init_val": init_val, "final_val": init_val if diverged else final["val"], "diverged": int(diverged),
-        "cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - wall0, "opt_cpu_s": opt_cpu,
-        "state_bytes": opt.state_bytes(), "final_metrics": json.dumps(final), "finished": time.time(),
+        "cpu_s": spent["cpu_s"], "wall_s": spent["wall_s"], "opt_cpu_s": spent["opt_cpu"],
+        "state_bytes": result["state_bytes"], "final_metrics": json.dumps(final), "finished": time.time(),
     }
     if db_path is not None:
         write_trial(db_path, row, [(s, n, v, c, w) for s, n, v, c, w in curve])

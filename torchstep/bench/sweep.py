@@ -134,9 +134,10 @@ def run_ray(configs: list[dict], db: str, address: str | None, on_done: Callable
             on_done(name, list(refs.values())[:4])
 
 
-def sweep(suite: Suite, out: str | Path, workers: int | None = None, backend: str = "local",
+def sweep(suite: Suite | list[Suite], out: str | Path, workers: int | None = None, backend: str = "local",
           address: str | None = None, progress: bool = True) -> Path:
-    """Run (or resume) the suite; returns the database path."""
+    """Run (or resume) the suite — or several into one database, in one pool; returns the database path."""
+    suites = [suite] if isinstance(suite, Suite) else list(suite)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     db = out / "results.sqlite"
@@ -156,7 +157,7 @@ def sweep(suite: Suite, out: str | Path, workers: int | None = None, backend: st
 
     def next_pending() -> list[dict]:
         done = {row["trial_id"]: row for row in trials(db)}
-        pending, _ = plan(suite, done)
+        pending = [c for s in suites for c in plan(s, done)[0]]
         if bar is not None:
             bar.total = len(done) + len(pending)
             bar.n = len(done)

@@ -31,6 +31,9 @@ class Problem:
     logits: Callable[[int], torch.Tensor] | None = None
     routed: bool = True          # model with embeddings/norms/biases → matched routing applies
     tokens: int = 1              # examples (tokens) per step: Sophia-G's ``bs``
+    #: μP width multiplier m of the hidden matrices (all share one fan-in multiplier); 1 = standard
+    #: parametrisation.  The harness then runs element-wise rules at lr/m and Muon-type rules at lr (μP's table)
+    mup_width_mult: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -42,9 +45,16 @@ class Task:
     known_optimum: bool
     options: dict = field(default_factory=dict)
     matrices: bool = True        # has 2-D weights (matrix-only methods such as Muon apply)
+    #: valid options left out of a trial's configuration at their default (added later: old trial ids stay)
+    extra_options: dict = field(default_factory=dict)
+
+    @property
+    def valid_options(self) -> dict:
+        """Every option and its default."""
+        return {**self.options, **self.extra_options}
 
     def problem(self, seed: int, **options) -> Problem:
-        return self.build(seed, {**self.options, **options})
+        return self.build(seed, {**self.valid_options, **options})
 
 
 class Vector(nn.Module):
@@ -234,7 +244,7 @@ def mnist1d_mlp(seed: int, o: dict) -> Problem:
 def gpt_bytes(seed: int, o: dict) -> Problem:
     train, val = corpus.load()
     cfg = GPTConfig(context=o["context"], width=o["width"], depth=o["depth"], heads=o["heads"], norm=o["norm"],
-                    qk_norm=o["qk_norm"], z_loss=o["z_loss"])
+                    qk_norm=o["qk_norm"], z_loss=o["z_loss"], mup_base_width=o["mup_base_width"])
     torch.manual_seed(seed)
     model = GPT(cfg)
     T, B = cfg.context, o["batch"]
@@ -253,7 +263,7 @@ def gpt_bytes(seed: int, o: dict) -> Problem:
         with torch.no_grad():
             return {"val": sum(model.loss(x, y, train=False).item() for x, y in val_batches) / len(val_batches)}
     return Problem(model, lambda step: model.loss(*train_batch(step)), evaluate,
-                   logits=lambda step: model(train_batch(step)[0]), tokens=B * T)
+                   logits=lambda step: model(train_batch(step)[0]), tokens=B * T, mup_width_mult=cfg.width_mult)
 
 
 TASKS: dict[str, Task] = {t.name: t for t in [
@@ -273,5 +283,5 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("gpt-bytes", gpt_bytes, 300, "byte GPT (default d128 L4 h4, ctx 128, batch 32, 0.87M parameters) on the "
          "frozen stdlib snapshot; val = nats/byte on 8 fixed held-out batches", False,
          dict(context=128, width=128, depth=4, heads=4, norm="pre", qk_norm=False, z_loss=0.0, batch=32,
-              val_batches=8)),
+              val_batches=8), extra_options=dict(mup_base_width=0)),
 ]}
