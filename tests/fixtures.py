@@ -241,4 +241,20 @@ FIXTURES: dict[str, Fixture] = {f.name: f for f in [
         # 6000 steps at the best stable lr 1e-3 (measured) — the quadratic is solved
         quadratic_lr=1.5e-2, rosenbrock_lr=1e-3, decay_schedule=False, steps=5000,   # the average lags O(1/T)
         skip_rosenbrock=("default", "wd, maximize")),
+    # AdaGrad's accumulator is its own step decay: no schedule.  On the suite's single-vector problems "row"
+    # is "coordinate" and "tensor" is "group", so only configs that differ there run the convergence tests.
+    Fixture(
+        "adadagrad",
+        configs=(({}, "default"), ({"accumulator": "row", "initial_accumulator_value": 1e-2, "weight_decay": 1e-2,
+                                    "maximize": True}, "row, b0, wd, maximize")),
+        invalid=_COMMON_INVALID + _EPS_INVALID + _WD_INVALID +
+        (({"accumulator": "group"}, "accumulator"), ({"initial_accumulator_value": -1.0}, "initial_accumulator_value")),
+        converge_only=("default",), quadratic_lr=1.0, rosenbrock_lr=1.5, decay_schedule=False),
+    Fixture(
+        "adadagrad-norm",
+        configs=(({}, "group"), ({"accumulator": "tensor", "weight_decay": 1e-2}, "tensor, wd"),
+                 ({"accumulator": "row", "maximize": True}, "row, maximize")),
+        invalid=_COMMON_INVALID + _EPS_INVALID + _WD_INVALID +
+        (({"accumulator": "coordinate"}, "accumulator"), ({"initial_accumulator_value": -1.0}, "initial_accumulator_value")),
+        converge_only=("group", "row, maximize"), quadratic_lr=1.0, rosenbrock_lr=1.5, decay_schedule=False),
 ]}

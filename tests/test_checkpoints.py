@@ -56,5 +56,5 @@ def test_v0_1_0_checkpoint_loads_and_resumes_bit_exactly(cid):
 
 def test_the_saved_checkpoints_cover_every_optimizer_of_0_1_0():
     after_0_1_0 = {"adamw", "galore", "fira", "frugal", "gradnormlorp",       # registered after 0.1.0
-                   "schedulefree-adamw", "schedulefree-sgd"}
+                   "schedulefree-adamw", "schedulefree-sgd", "adadagrad", "adadagrad-norm"}
     assert {e["name"] for e in SAVED.values()} == set(SPECS) - after_0_1_0

@@ -71,6 +71,8 @@ SPECS: dict[str, OptimizerSpec] = {s.name: s for s in [
     OptimizerSpec("gradnormlorp", optim.GradNormLoRP, F.LOW_RANK, "2412.19616", reconstructed=True),
     OptimizerSpec("schedulefree-adamw", optim.ScheduleFreeAdamW, F.ADAM, "2405.15682", parity="schedulefree"),
     OptimizerSpec("schedulefree-sgd", optim.ScheduleFreeSGD, F.SGD, "2405.15682", parity="schedulefree"),
+    OptimizerSpec("adadagrad", optim.AdAdaGrad, F.ADAGRAD, "2402.11215", parity="torch.optim.Adagrad"),
+    OptimizerSpec("adadagrad-norm", optim.AdAdaGradNorm, F.ADAGRAD, "2402.11215"),
 ]}
 
 

@@ -83,6 +83,10 @@ BENCH: dict[str, tuple[float, dict[str, Any], str | None, tuple[str, dict] | Non
     # Schedule-Free: its own averaging replaces the schedule (the harness' cosine still multiplies the lr)
     "schedulefree-adamw": (3e-3, {}, None, None),
     "schedulefree-sgd": (1e-1, {}, None, None),
+    # AdaGrad bases of AdAdaGrad at the benchmark's fixed batch (the adaptive batch is not a sweep arm): the
+    # official scripts' AdaGrad lrs are 8e-3–5e-2; AdaGrad-Norm's single scalar steps by ~lr in norm at first
+    "adadagrad": (1e-2, {}, None, None),
+    "adadagrad-norm": (1e-1, {}, None, None),
 }
 
 

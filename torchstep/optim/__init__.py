@@ -1,5 +1,6 @@
 """torchstep optimizers: every class is a real ``torch.optim.Optimizer`` built from update rules."""
 from ._base import ElementwiseRule, Rule, TorchstepOptimizer
+from .adadagrad import AdAdaGrad, AdAdaGradNorm
 from .adamp import AdamP, SGDP
 from .adamw import AdamW
 from .classp import CLASSP
@@ -28,4 +29,4 @@ __all__ = ["TorchstepOptimizer", "Rule", "ElementwiseRule", "MatrixRule", "Matri
            "AdamW", "Lion", "AdamP", "SGDP", "DiffGrad", "SophiaG", "SophiaH", "SPAM", "StableSPAM", "CLASSP", "Muon",
            "NorMuon", "MuonPP", "Lanton", "SinkGD", "SWAN", "Spectra", "GaLore", "Fira", "Frugal", "GradNormLoRP",
            "ProjectedOptimizer", "ProjectedRule", "LowRankBase",
-           "ScheduleFree", "ScheduleFreeAdamW", "ScheduleFreeSGD"]
+           "ScheduleFree", "ScheduleFreeAdamW", "ScheduleFreeSGD", "AdAdaGradNorm", "AdAdaGrad"]
