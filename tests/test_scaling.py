@@ -85,3 +85,25 @@ def test_steplaw_cli(capsys):
     main(["steplaw", "--params", "1e9", "--tokens", "1e11"])
     out = capsys.readouterr().out
     assert "0.001632" in out and "1.108e+06 tokens = 540.9 sequences of 2048" in out
+
+
+def test_width_scaled_groups_with_mup_shapes_make_the_input_layer_vector_like():
+    from torchstep.scaling import infinite_shapes
+    from torchstep.diagnostics.wd_sweep import _NormedMLP
+    model = _NormedMLP(8, 128, 4)
+    shapes = infinite_shapes(model, _NormedMLP(8, 32, 4))
+    groups = {g["name"]: g for g in scaling.width_scaled_groups(model, 1e-2, 0.1, 128, 32, 0.5, shapes=shapes)}
+    assert groups["matrix/hidden"]["param_names"] == ["h1.weight", "h2.weight"]
+    assert groups["matrix/hidden"]["lr"] == pytest.approx(2.5e-3) and groups["matrix/hidden"]["weight_decay"] == 0.2
+    assert groups["matrix/vector"]["param_names"] == ["inp.weight"] and groups["matrix/vector"]["weight_decay"] == 0
+    assert all(g["lr"] == 1e-2 for n, g in groups.items() if n != "matrix/hidden")
+
+
+def test_wd_sweep_runs_each_exponent_with_its_decay_and_reports_spreads():
+    from torchstep.diagnostics import wd_sweep
+    res = wd_sweep.sweep((0.0, 1.0), (32, 64), steps=30, base_width=32, batch=16)
+    assert [(r.exponent, r.width) for r in res] == [(0.0, 32), (0.0, 64), (1.0, 32), (1.0, 64)]
+    assert set(res[0].sigma_max) == {"h1.weight", "h2.weight"}
+    assert res[0].sigma_max == res[2].sigma_max               # base width: κ does not matter
+    assert res[3].sigma_max["h1.weight"] < res[1].sigma_max["h1.weight"]   # more decay at κ = 1
+    assert wd_sweep.spread(res, 0.0) >= 1 and wd_sweep.spread(res, 1.0, "h1.weight") >= 1

@@ -160,8 +160,8 @@ def cmd_bench_transfer(args: argparse.Namespace) -> None:
     if len(args.widths) < 2 or min(args.widths) < 1:
         fail(f"invalid --widths {args.widths}; valid: two or more positive widths")
     options = task_options(args.set)
-    if set(options) - {"gpt-bytes"} or {"width", "mup_base_width"} & set(options.get("gpt-bytes", {})):
-        fail("invalid --set; only gpt-bytes options other than width and mup_base_width")
+    if set(options) - {"gpt-bytes"} or {"width", "mup_base_width", "tied_fallback"} & set(options.get("gpt-bytes", {})):
+        fail("invalid --set; only gpt-bytes options other than width, mup_base_width and tied_fallback")
     out = Path(args.out or "bench-out/lr-transfer")
     _, rows = transfer.run(out, tuple(args.optimizers), tuple(args.widths), steps=args.steps, seeds=args.seeds,
                            grid_points=args.grid_points, options=options.get("gpt-bytes", {}),
@@ -175,6 +175,21 @@ def cmd_bench_transfer(args: argparse.Namespace) -> None:
     text = f"{table}\n\n{spreads}\n"
     (out / "lr-transfer.md").write_text(text)
     print(text + f"figure: {out / 'lr-transfer.png'}")
+
+
+def cmd_wd_sweep(args: argparse.Namespace) -> None:
+    """``torchstep wd-sweep``: top singular values across widths for each weight-decay width exponent κ."""
+    import torch
+
+    from .diagnostics import wd_sweep
+    torch.set_num_threads(1)
+    results = wd_sweep.sweep(tuple(args.exponents), tuple(args.widths), steps=args.steps)
+    matrices = sorted(results[0].sigma_max)
+    rows = [(f"{r.exponent:g}", str(r.width), *(f"{r.sigma_max[m]:.3f}" for m in matrices), f"{r.final_loss:.4f}")
+            for r in results]
+    rows += [(f"{k:g}", "max/min", *(f"{wd_sweep.spread(results, k, m):.3f}" for m in matrices), "")
+             for k in args.exponents]
+    print(markdown_table(("κ", "width", *(f"σ_max {m}" for m in matrices), "final loss"), rows))
 
 
 def cmd_width_sweep(args: argparse.Namespace) -> None:
@@ -281,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--embedding-params", type=float, default=0.0, help="embedding parameters inside --params")
     sl.add_argument("--constants", choices=["paper", "repo_mean"], default="paper")
     sl.set_defaults(func=cmd_steplaw)
+    wd = sub.add_parser("wd-sweep", help="weight decay across widths: which exponent keeps top singular values matched")
+    wd.add_argument("--widths", nargs="+", type=int, default=[64, 128, 256, 512])
+    wd.add_argument("--exponents", nargs="+", type=float, default=[0.0, 0.5, 1.0])
+    wd.add_argument("--steps", type=int, default=3000)
+    wd.set_defaults(func=cmd_wd_sweep)
     ws = sub.add_parser("width-sweep", help="μP spectral condition across widths (Muon++ vs Muon scales)")
     ws.add_argument("--widths", nargs="+", type=int, default=[64, 128, 256, 512])
     ws.add_argument("--steps", type=int, default=100)

@@ -195,7 +195,8 @@ class ArmOptimizer:
                 g["bs"] = problem.tokens
         self.optimizers = [self.rule]
         if rest:
-            self.optimizers.append(AdamW([{"params": rest}], lr=FALLBACK_LR, weight_decay=0.0))
+            self.optimizers.append(AdamW([{"params": rest}], lr=lr if problem.tied_fallback else FALLBACK_LR,
+                                         weight_decay=0.0))
         warmup = max(1, int(warmup_fraction * total_steps))
         if arm.name in OWN_SCHEDULE:
             for g in self.rule.param_groups:

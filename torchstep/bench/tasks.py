@@ -34,6 +34,9 @@ class Problem:
     #: μP width multiplier m of the hidden matrices (all share one fan-in multiplier); 1 = standard
     #: parametrisation.  The harness then runs element-wise rules at lr/m and Muon-type rules at lr (μP's table)
     mup_width_mult: float = 1.0
+    #: the shared fallback (embeddings, head, norms) at the arm's lr instead of the fixed FALLBACK_LR: one lr for
+    #: the whole model, as an lr-transfer study needs (μP keeps it unchanged on these vector-like tensors)
+    tied_fallback: bool = False
 
 
 @dataclass(frozen=True)
@@ -263,7 +266,8 @@ def gpt_bytes(seed: int, o: dict) -> Problem:
         with torch.no_grad():
             return {"val": sum(model.loss(x, y, train=False).item() for x, y in val_batches) / len(val_batches)}
     return Problem(model, lambda step: model.loss(*train_batch(step)), evaluate,
-                   logits=lambda step: model(train_batch(step)[0]), tokens=B * T, mup_width_mult=cfg.width_mult)
+                   logits=lambda step: model(train_batch(step)[0]), tokens=B * T, mup_width_mult=cfg.width_mult,
+                   tied_fallback=o["tied_fallback"])
 
 
 TASKS: dict[str, Task] = {t.name: t for t in [
@@ -283,5 +287,5 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("gpt-bytes", gpt_bytes, 300, "byte GPT (default d128 L4 h4, ctx 128, batch 32, 0.87M parameters) on the "
          "frozen stdlib snapshot; val = nats/byte on 8 fixed held-out batches", False,
          dict(context=128, width=128, depth=4, heads=4, norm="pre", qk_norm=False, z_loss=0.0, batch=32,
-              val_batches=8), extra_options=dict(mup_base_width=0)),
+              val_batches=8), extra_options=dict(mup_base_width=0, tied_fallback=False)),
 ]}

@@ -3,7 +3,9 @@
 One harness sweep (the usual lr search with edge extension, paired seeds) per (parametrisation, width): ``sp``
 is the task as it is; ``mup`` sets ``mup_base_width`` to the smallest width, so the hidden matrices of an
 element-wise arm run at lr/m and the model gets the μP readout, init and attention scale
-(:mod:`torchstep.scaling.mup`).  The report gives, per arm and parametrisation, each width's best lr and loss,
+(:mod:`torchstep.scaling.mup`).  Every tensor trains at the arm's lr (``tied_fallback``: the harness' usual
+fixed-lr AdamW fallback for embeddings, head and norms would hide the lr's effect), so "lr" is one global lr,
+divided by m on the hidden matrices under μP.  The report gives, per arm and parametrisation, each width's best lr and loss,
 the spread of the best lr across widths (in half-decades: the grid's unit), and the *transfer regret* — the
 loss at the base width's best lr minus the width's own best — which μP should keep near zero.
 
@@ -27,7 +29,8 @@ def suites(arms: tuple[str, ...], widths: tuple[int, ...], steps: int, seeds: in
     """(parametrisation, width) → the sweep of ``gpt-bytes`` at that width."""
     base = min(widths)
     return {(p, w): Suite(("gpt-bytes",), arms, seeds=seeds, steps={"gpt-bytes": steps}, grid_points=grid_points,
-                          options={"gpt-bytes": {**options, "width": w, "mup_base_width": base if p == "mup" else 0}},
+                          options={"gpt-bytes": {**options, "width": w, "mup_base_width": base if p == "mup" else 0,
+                                                 "tied_fallback": True}},
                           schedule=schedule)
             for p in PARAMETRISATIONS for w in sorted(widths)}
 
