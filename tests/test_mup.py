@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from torchstep.optim import Muon
-from torchstep.scaling import (MuReadout, attention_scale, coord_check, coord_summary, dit_roles, infinite_shapes,
-                               make_mup, mu_shapes, mup_param_groups)
+from torchstep.scaling import (MuReadout, attention_scale, coord_summary, dit_roles, infinite_shapes, make_mup,
+                               mlp_coord_check, mu_shapes, mup_param_groups)
 
 
 def mlp(width, readout=MuReadout, d_in=32, d_out=10, seed=0):
@@ -136,18 +136,8 @@ def test_attention_scale_is_one_over_d_and_the_standard_scale_at_the_base():
 
 
 def test_coordinate_check_is_flat_under_mup_and_grows_under_sp():
-    g = torch.Generator().manual_seed(0)
-    batch = torch.randn(64, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
     widths = [64, 256, 1024, 2048]
-
-    def mu_model(w):
-        model = mlp(w)
-        make_mup(model, mlp(64), delta=mlp(128))
-        return model
-    mu = coord_check(mu_model, widths, batch, nn.functional.cross_entropy,
-                     lambda m: torch.optim.Adam(mup_param_groups(m, 1e-2)), steps=5)
-    sp = coord_check(lambda w: mlp(w, readout=nn.Linear), widths, batch, nn.functional.cross_entropy,
-                     lambda m: torch.optim.Adam(m.parameters(), 1e-2), steps=5)
+    mu, sp = mlp_coord_check(widths)                 # the card's setting: Adam 1e-2, 5 steps, base 64, delta 128
     ratio = lambda s: max(s.values()) / min(s.values())
     mu_out, sp_out = coord_summary(mu), coord_summary(sp)
     assert list(mu_out) == widths and mu_out[64] == pytest.approx(sp_out[64])   # identical at the base width

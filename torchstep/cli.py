@@ -177,6 +177,23 @@ def cmd_bench_transfer(args: argparse.Namespace) -> None:
     print(text + f"figure: {out / 'lr-transfer.png'}")
 
 
+def cmd_coord_check(args: argparse.Namespace) -> None:
+    """``torchstep coord-check``: TP5's coordinate check of a 3-layer MLP, μP vs standard parametrisation."""
+    import torch
+
+    from .scaling import coord_summary, mlp_coord_check, plot_coord_check
+    torch.set_num_threads(1)
+    mu, sp = mlp_coord_check(tuple(args.widths), steps=args.steps)
+    summaries = {"μP": (coord_summary(mu), coord_summary(mu, "2")), "SP": (coord_summary(sp), coord_summary(sp, "2"))}
+    rows = [(name, what, *(f"{s[w]:.3f}" for w in args.widths), f"{max(s.values()) / min(s.values()):.2f}")
+            for name, pair in summaries.items() for what, s in zip(("logits", "hidden layer 2"), pair)]
+    print(markdown_table(("param.", f"mean abs after {args.steps} steps", *map(str, args.widths), "max/min"), rows))
+    if args.out:
+        plot_coord_check(mu, f"{args.out}-mup.png", "μP")
+        plot_coord_check(sp, f"{args.out}-sp.png", "standard parametrisation")
+        print(f"figures: {args.out}-mup.png, {args.out}-sp.png")
+
+
 def cmd_wd_sweep(args: argparse.Namespace) -> None:
     """``torchstep wd-sweep``: top singular values across widths for each weight-decay width exponent κ."""
     import torch
@@ -296,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--embedding-params", type=float, default=0.0, help="embedding parameters inside --params")
     sl.add_argument("--constants", choices=["paper", "repo_mean"], default="paper")
     sl.set_defaults(func=cmd_steplaw)
+    cc = sub.add_parser("coord-check", help="μP coordinate check: activation scale vs width, μP against SP")
+    cc.add_argument("--widths", nargs="+", type=int, default=[64, 256, 1024, 2048])
+    cc.add_argument("--steps", type=int, default=5)
+    cc.add_argument("--out", default=None, metavar="PREFIX", help="write PREFIX-mup.png and PREFIX-sp.png")
+    cc.set_defaults(func=cmd_coord_check)
     wd = sub.add_parser("wd-sweep", help="weight decay across widths: which exponent keeps top singular values matched")
     wd.add_argument("--widths", nargs="+", type=int, default=[64, 128, 256, 512])
     wd.add_argument("--exponents", nargs="+", type=float, default=[0.0, 0.5, 1.0])

@@ -371,6 +371,29 @@ def coord_summary(records: Iterable[CoordRecord], module: str = "output", step: 
     return {w: sum(v) / len(v) for w, v in sorted(out.items())}
 
 
+def mlp_coord_check(widths=(64, 256, 1024, 2048), steps: int = 5, lr: float = 1e-2, base_width: int = 64,
+                    d_in: int = 32, d_out: int = 10, batch: int = 64, seed: int = 0):
+    """The card's coordinate check (TP5 §6.3 setting): a 3-layer MLP ``d_in → w → w → d_out`` trained with Adam
+    at ``lr`` for ``steps`` steps on one fixed random batch, μP (base ``base_width``, delta 2·base) against the
+    standard parametrisation.  Returns ``(mup_records, sp_records)``."""
+    def mlp(width, readout):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                             readout(width, d_out))
+
+    def mu_model(width):
+        model = mlp(width, MuReadout)
+        make_mup(model, mlp(base_width, MuReadout), delta=mlp(2 * base_width, MuReadout))
+        return model
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randn(batch, d_in, generator=g), torch.randint(0, d_out, (batch,), generator=g)
+    mu = coord_check(mu_model, widths, data, F.cross_entropy,
+                     lambda m: torch.optim.Adam(mup_param_groups(m, lr)), steps=steps)
+    sp = coord_check(lambda w: mlp(w, nn.Linear), widths, data, F.cross_entropy,
+                     lambda m: torch.optim.Adam(m.parameters(), lr), steps=steps)
+    return mu, sp
+
+
 def plot_coord_check(records: list[CoordRecord], path, title: str = "coordinate check") -> None:
     """One panel per step: log mean |activation| of every recorded module vs width (log)."""
     import matplotlib
@@ -394,4 +417,4 @@ def plot_coord_check(records: list[CoordRecord], path, title: str = "coordinate 
 
 __all__ = ["MuShape", "infinite_shapes", "MuReadout", "attention_scale", "make_mup", "mu_shapes",
            "mup_param_groups", "dit_roles", "CoordRecord", "coord_check", "coord_summary", "plot_coord_check",
-           "MUP_RULES"]
+           "mlp_coord_check", "MUP_RULES"]
