@@ -37,6 +37,10 @@ class Problem:
     #: the shared fallback (embeddings, head, norms) at the arm's lr instead of the fixed FALLBACK_LR: one lr for
     #: the whole model, as an lr-transfer study needs (μP keeps it unchanged on these vector-like tensors)
     tied_fallback: bool = False
+    #: a fixed training batch ``(inputs, targets)`` and ``loss_fn(outputs, targets)`` for diagnostics monitors
+    #: (``torchstep bench --monitor``, ``torchstep diagnose``); None where a task has no model-on-inputs form
+    probe: tuple | None = None
+    loss_fn: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -208,7 +212,9 @@ def _classifier(seed, o, Xtr, ytr, Xva, yva, layers) -> Problem:
             return {"val": F.cross_entropy(logits, yva).item(),
                     "accuracy": (logits.argmax(-1) == yva).float().mean().item(),
                     "train": F.cross_entropy(model(Xtr), ytr).item()}
-    return Problem(model, train_loss, evaluate, logits=lambda step: model(Xtr[idx(step)]), tokens=o["batch"])
+    probe = idx(0)
+    return Problem(model, train_loss, evaluate, logits=lambda step: model(Xtr[idx(step)]), tokens=o["batch"],
+                   probe=(Xtr[probe], ytr[probe]), loss_fn=F.cross_entropy)
 
 
 @lru_cache(maxsize=1)
@@ -267,7 +273,8 @@ def gpt_bytes(seed: int, o: dict) -> Problem:
             return {"val": sum(model.loss(x, y, train=False).item() for x, y in val_batches) / len(val_batches)}
     return Problem(model, lambda step: model.loss(*train_batch(step)), evaluate,
                    logits=lambda step: model(train_batch(step)[0]), tokens=B * T, mup_width_mult=cfg.width_mult,
-                   tied_fallback=o["tied_fallback"])
+                   tied_fallback=o["tied_fallback"], probe=train_batch(0),
+                   loss_fn=lambda logits, y: F.cross_entropy(logits.flatten(0, 1), y.flatten()))
 
 
 TASKS: dict[str, Task] = {t.name: t for t in [
