@@ -98,3 +98,27 @@ def test_transfer_summary_reports_best_lr_spread_and_regret(tmp_path):
     assert transfer.spread(list(rows.values()), "adamw", "mup") == 0
     transfer.figure(db, plan, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_monitored_trial_records_sharpness_and_trains_exactly_as_unmonitored(tmp_path):
+    from torchstep.bench import eos, sweep
+    from torchstep.bench.analysis import analyse
+    from torchstep.bench.store import curves
+    opts = {"hidden": 16, "batch": 32}
+    plain = resolve("digits-mlp", "sgd", 0.1, 0, 20, "tune", opts)
+    watched = resolve("digits-mlp", "sgd", 0.1, 0, 20, "tune", opts, monitor={"name": "sharpness", "every": 10})
+    assert "monitor" not in plain and watched["monitor"] == {"name": "sharpness", "every": 10}
+    db = tmp_path / "results.sqlite"
+    a, b = run_trial(plain), run_trial(watched, str(db))
+    assert a["final_val"] == b["final_val"]                     # measuring does not touch the training
+    sharp = curves(db, "monitor/sharpness")[b["trial_id"]]
+    ratio = curves(db, "monitor/ratio")[b["trial_id"]]
+    assert [p[0] for p in sharp] == [10] and sharp[0][1] > 0
+    # sgd here: heavy ball β = 0.9, threshold (2 + 2β)/η on the rule's tensors (biases on the fallback: η = 0)
+    assert 0 < ratio[0][1] <= sharp[0][1] * 0.1 / 3.8 * (1 + 1e-9)
+    with pytest.raises(ValueError, match="monitor"):
+        resolve("digits-mlp", "sgd", 0.1, 0, 20, "tune", opts, monitor={"name": "nope", "every": 1})
+    with pytest.raises(ValueError, match="probe"):
+        run_trial(resolve("quadratic", "sgd", 0.1, 0, 5, "tune", {"d": 4, "n": 16},
+                          monitor={"name": "sharpness", "every": 1}))
+    assert eos.threshold_rule("sgd") == "heavy_ball" and eos.threshold_rule("lion") == "gd*"

@@ -46,7 +46,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     from .bench import analysis, report, sweep
     from .bench.arms import ARMS
-    from .bench.tasks import TASKS
+    from .bench.tasks import PROBED, TASKS
     suite = sweep.SUITES[args.suite]
     for kind, given, valid in (("task", args.tasks, TASKS), ("optimizer", args.optimizers, ARMS)):
         unknown = [x for x in given or [] if x not in valid]
@@ -63,8 +63,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if task not in TASKS or not value.isdigit() or int(value) < 1:
             fail(f"invalid --steps {item!r}; use TASK=N with N >= 1 and TASK one of {', '.join(TASKS)}")
         steps[task] = int(value)
+    if args.monitor_every < 1:
+        fail(f"invalid --monitor-every {args.monitor_every}; valid: an integer >= 1")
+    unprobed = [t for t in (args.tasks or suite.tasks) if args.monitor and t not in PROBED]
+    if unprobed:
+        fail(f"--monitor needs a task with a probe batch; {', '.join(unprobed)} has none (valid: {', '.join(PROBED)})")
     suite = replace(suite, tasks=tuple(args.tasks or suite.tasks), arms=tuple(args.optimizers or suite.arms),
-                    seeds=args.seeds or suite.seeds, options=options, steps=steps, schedule=args.schedule)
+                    seeds=args.seeds or suite.seeds, options=options, steps=steps, schedule=args.schedule,
+                    monitor={"name": args.monitor, "every": args.monitor_every} if args.monitor else None)
     out = Path(args.out or f"bench-out/{args.suite}")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -264,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--schedule", choices=["cosine", "wsd", "linear", "power", "refined", "none"],
                        default="cosine", help="lr schedule of every arm (default cosine; refined: two passes per "
                        "trial; Schedule-Free arms always run without one)")
+    bench.add_argument("--monitor", choices=["sharpness"], default=None,
+                       help="record a diagnostic during every trial (sharpness: λ_max and the rule's stability "
+                            "threshold; the report adds the edge-of-stability figure)")
+    bench.add_argument("--monitor-every", type=int, default=25, help="steps between monitor measurements")
     bench.add_argument("--backend", choices=["local", "ray"], default="local")
     bench.add_argument("--address", default=None, help="Ray cluster address (with --backend ray)")
     bench.add_argument("--quiet", action="store_true", help="no progress bars")

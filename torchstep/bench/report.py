@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from . import eos
 from .analysis import analyse
 from .figures import state_points, write_figures
 from .stats import paired_p, pareto_front
@@ -96,6 +97,11 @@ def write(out: str | Path, analysis: dict[str, Any] | None = None) -> Path:
     md += ["", "![loss vs state memory](figures/state_pareto.png)", ""]
     if "performance_profile.png" in figures:
         md += ["![performance profile](figures/performance_profile.png)", ""]
+    stability = eos.table(db, a)
+    if stability:
+        eos.write_figures(db, a, out / "figures")
+        md += ["## Edge of stability (`--monitor sharpness`)", "", eos.__doc__.split("\n\n")[1].replace("\n", " "),
+               ""] + stability
     warnings = [f"- {task}/{arm}: best lr {e['lr']:g} is on the grid edge after extension" for task, per in
                 a["summary"].items() for arm, e in per.items() if e["edge"] and e["lr"] is not None]
     warnings += [f"- {task}/{arm}: every grid point diverged" for task, per in a["summary"].items()

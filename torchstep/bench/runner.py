@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import time
+import warnings
 from functools import lru_cache
 from typing import Any
 
@@ -14,18 +15,20 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..diagnostics.stability import SharpnessMonitor
 from ..schedules.refined import GradNormRecorder, refined_schedule
 from .arms import ARMS, SCHEDULES, SGD_TYPE, ArmOptimizer, schedule_for
 from .store import trial_id, write_trial
-from .tasks import TASKS
+from .tasks import PROBED, TASKS
 
 PROTOCOL = "torchstep-bench/1"
 DIVERGENCE_FACTOR = 10.0   # val above 10× its initial value (or non-finite) ⇒ diverged
 
 
 def resolve(task: str, arm: str, lr: float, seed: int, steps: int, phase: str, options: dict | None = None,
-            evals: int = 20, schedule: str = "cosine") -> dict[str, Any]:
-    """The full configuration a trial is hashed from."""
+            evals: int = 20, schedule: str = "cosine", monitor: dict | None = None) -> dict[str, Any]:
+    """The full configuration a trial is hashed from (``monitor``: ``{"name": …, "every": k}`` or None; only
+    present when set, so unmonitored trials keep their ids)."""
     t, a = TASKS[task], ARMS[arm]
     valid = t.valid_options
     unknown = set(options or {}) - set(valid)
@@ -35,7 +38,19 @@ def resolve(task: str, arm: str, lr: float, seed: int, steps: int, phase: str, o
     return {"protocol": PROTOCOL, "task": task, "task_options": {**t.options, **chosen}, "arm": arm,
             "arm_kwargs": a.kwargs,
             "lr": lr, "seed": seed, "steps": steps, "phase": phase, "evals": evals,
-            "schedule": SCHEDULES[schedule_for(arm, schedule)][0], "weight_decay": 0.0}
+            "schedule": SCHEDULES[schedule_for(arm, schedule)][0], "weight_decay": 0.0,
+            **({"monitor": _check_monitor(monitor, t)} if monitor else {})}
+
+
+#: harness monitors (``torchstep bench --monitor``): name → factory(every) and the record keys kept as metrics
+MONITORS = {"sharpness": (lambda every: SharpnessMonitor(every, preconditioned=True, trace_samples=0),
+                          ("sharpness", "ratio", "threshold", "precond_sharpness", "lr"))}
+
+
+def _check_monitor(monitor: dict, task) -> dict:
+    if monitor.get("name") not in MONITORS or not isinstance(monitor.get("every"), int) or monitor["every"] < 1:
+        raise ValueError(f"invalid monitor {monitor!r}; valid: name one of {', '.join(MONITORS)}, every >= 1")
+    return {"name": monitor["name"], "every": monitor["every"]}
 
 
 @lru_cache(maxsize=1)
@@ -55,13 +70,31 @@ def environment() -> dict[str, Any]:
             "python": platform.python_version(), "cpu": cpu, "nproc": os.cpu_count(), "revision": rev}
 
 
-def _train(problem, opt: ArmOptimizer, steps: int, evals: int, recorder: GradNormRecorder | None = None) -> dict:
-    """The training loop: evaluations at ``evals`` evenly spaced steps, divergence check; optional norm record."""
+def _train(problem, opt: ArmOptimizer, steps: int, evals: int, recorder: GradNormRecorder | None = None,
+           monitor: dict | None = None) -> dict:
+    """The training loop: evaluations at ``evals`` evenly spaced steps, divergence check; optional norm record;
+    an optional monitor measured on the problem's probe batch before every k-th step (k, 2k, …), its records stored as
+    ``monitor/<key>`` metrics and its CPU time left out of the trial's timings."""
     init_val = problem.evaluate()["val"]
     eval_at = set(np.linspace(0, steps, evals + 1).round().astype(int).tolist()[1:])
     curve = [(0, "val", init_val, 0.0, 0.0)]
     cpu0, wall0, opt_cpu, diverged = time.process_time(), time.perf_counter(), 0.0, False
+    watch = keys = None
+    if monitor is not None:
+        if problem.probe is None:
+            raise ValueError(f"this task has no probe batch; monitors run on {', '.join(PROBED)}")
+        factory, keys = MONITORS[monitor["name"]]
+        watch = factory(monitor["every"])
     for step in range(steps):
+        if watch is not None and step and step % watch.every == 0:   # from step k: Adam-type state exists
+            t0, w0 = time.process_time(), time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)   # "no threshold known": recorded as such
+                rec = watch(step, model=problem.model, optimizer=opt.rule, loss_fn=problem.loss_fn,
+                            batch=problem.probe)
+            curve += [(step, f"monitor/{k}", rec[k], 0.0, 0.0) for k in keys]
+            cpu0 += time.process_time() - t0
+            wall0 += time.perf_counter() - w0
         loss = problem.train_loss(step)
         opt.zero_grad()
         loss.backward()
@@ -115,7 +148,7 @@ def run_trial(config: dict[str, Any], db_path: str | None = None) -> dict[str, A
     else:
         opt = ArmOptimizer(arm, problem, config["lr"], steps, schedule="linear" if first else name,
                            curve=first and first["curve_fn"])
-        result = _train(problem, opt, steps, config["evals"])
+        result = _train(problem, opt, steps, config["evals"], monitor=config.get("monitor"))
     init_val, final, diverged, curve = result["init_val"], result["final"], result["diverged"], result["curve"]
     spent = {k: result[k] + (first[k] if first else 0.0) for k in ("cpu_s", "wall_s", "opt_cpu")}  # both passes
     row = {

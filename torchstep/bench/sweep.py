@@ -44,6 +44,7 @@ class Suite:
     grid_points: int = 4
     options: dict[str, dict] | None = None  # task → option overrides (e.g. gpt-bytes width / norm)
     schedule: str = "cosine"                # the harness' lr schedule for every arm (bench/arms.py: SCHEDULES)
+    monitor: dict | None = None             # {"name": "sharpness", "every": k} (runner.MONITORS), or None
 
     def budget(self, task: str) -> int:
         return (self.steps or {}).get(task, TASKS[task].steps)
@@ -60,7 +61,8 @@ def plan(suite: Suite, done: dict[str, dict]) -> tuple[list[dict], dict[tuple[st
             grid, extensions = lr_grid(ARMS[arm].default_lr, suite.grid_points), 0
             while True:
                 opts = (suite.options or {}).get(task, {})
-                configs = {lr: resolve(task, arm, lr, 0, steps, "tune", opts, schedule=suite.schedule) for lr in grid}
+                configs = {lr: resolve(task, arm, lr, 0, steps, "tune", opts, schedule=suite.schedule,
+                                       monitor=suite.monitor) for lr in grid}
                 missing = [c for c in configs.values() if trial_id(c) not in done]
                 if missing:
                     pending += missing
@@ -73,7 +75,8 @@ def plan(suite: Suite, done: dict[str, dict]) -> tuple[list[dict], dict[tuple[st
                     continue
                 status[(task, arm)] = {"grid": grid, "best": best, "edge": on_edge}
                 if best is not None:
-                    finals = [resolve(task, arm, best, s, steps, "final", opts, schedule=suite.schedule)
+                    finals = [resolve(task, arm, best, s, steps, "final", opts, schedule=suite.schedule,
+                                      monitor=suite.monitor)
                               for s in range(1, suite.seeds)]
                     pending += [c for c in finals if trial_id(c) not in done]
                 break

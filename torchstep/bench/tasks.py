@@ -277,6 +277,9 @@ def gpt_bytes(seed: int, o: dict) -> Problem:
                    loss_fn=lambda logits, y: F.cross_entropy(logits.flatten(0, 1), y.flatten()))
 
 
+#: tasks whose Problem has a probe batch and loss_fn (monitors, ``torchstep diagnose``)
+PROBED = ("digits-mlp", "mnist1d", "gpt-bytes")
+
 TASKS: dict[str, Task] = {t.name: t for t in [
     Task("quadratic", quadratic, 500, "least squares, d=256, n=4096, condition 1e3; val = f − f*", True,
          dict(d=256, n=4096, condition=1e3, batch=128), matrices=False),
