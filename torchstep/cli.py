@@ -183,6 +183,34 @@ def cmd_bench_transfer(args: argparse.Namespace) -> None:
     print(text + f"figure: {out / 'lr-transfer.png'}")
 
 
+def cmd_diagnose(args: argparse.Namespace) -> None:
+    """``torchstep diagnose KIND``: one diagnostic on a harness task, written as CSV + PNG."""
+    from pathlib import Path
+
+    import torch
+
+    from .bench import diagnose
+    from .bench.arms import ARMS
+    torch.set_num_threads(1)
+    if args.optimizer not in ARMS:
+        fail(f"unknown optimizer {args.optimizer}; valid: {', '.join(ARMS)}")
+    options = task_options(args.set).get(args.task, {})
+    try:
+        prob = diagnose.problem(args.task, options, args.optimizer, args.lr, args.train_steps)
+        out = Path(args.out or f"bench-out/diagnose/{args.task}")
+        run = {"hessian": lambda: diagnose.hessian(prob, out, k=args.k),
+               "density": lambda: diagnose.density(prob, out),
+               "el2n": lambda: diagnose.el2n(prob, out),
+               "intrinsic-dim": lambda: diagnose.intrinsic(prob, out, dims=tuple(args.dims))}[args.kind]
+        rows = run()
+    except ValueError as err:
+        fail(str(err))
+    name = "intrinsic-dim" if args.kind == "intrinsic-dim" else args.kind
+    shown = rows if len(rows) <= 12 else rows[:5] + [("…",)] + rows[-3:]
+    print("\n".join(", ".join(str(x) for x in r) for r in shown))
+    print(f"wrote {out / (name + '.csv')} and {out / (name + '.png')}")
+
+
 def cmd_coord_check(args: argparse.Namespace) -> None:
     """``torchstep coord-check``: TP5's coordinate check of a 3-layer MLP, μP vs standard parametrisation."""
     import torch
@@ -323,6 +351,20 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--embedding-params", type=float, default=0.0, help="embedding parameters inside --params")
     sl.add_argument("--constants", choices=["paper", "repo_mean"], default="paper")
     sl.set_defaults(func=cmd_steplaw)
+    dg = sub.add_parser("diagnose", help="a diagnostic on a harness task (hessian, density, el2n, intrinsic-dim)",
+                        description="Builds the task (seed 0), optionally trains it, runs one diagnostic and "
+                                    "writes KIND.csv and KIND.png.")
+    dg.add_argument("kind", choices=["hessian", "density", "el2n", "intrinsic-dim"])
+    dg.add_argument("--task", default="digits-mlp", help="digits-mlp, mnist1d or gpt-bytes (el2n / "
+                                                         "intrinsic-dim: classification tasks)")
+    dg.add_argument("--set", nargs="+", metavar="TASK.OPTION=VALUE", help="task options")
+    dg.add_argument("--train-steps", type=int, default=0, help="train this many steps first (default 0: at init)")
+    dg.add_argument("--optimizer", default="adamw", help="arm used for --train-steps")
+    dg.add_argument("--lr", type=float, default=None, help="lr for --train-steps (default the arm's grid centre)")
+    dg.add_argument("--k", type=int, default=5, help="hessian: eigenvalues")
+    dg.add_argument("--dims", nargs="+", type=int, default=[10, 30, 100, 300, 1000], help="intrinsic-dim grid")
+    dg.add_argument("--out", default=None, help="output directory (default bench-out/diagnose/TASK)")
+    dg.set_defaults(func=cmd_diagnose)
     cc = sub.add_parser("coord-check", help="μP coordinate check: activation scale vs width, μP against SP")
     cc.add_argument("--widths", nargs="+", type=int, default=[64, 256, 1024, 2048])
     cc.add_argument("--steps", type=int, default=5)

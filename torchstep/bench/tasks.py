@@ -41,6 +41,8 @@ class Problem:
     #: (``torchstep bench --monitor``, ``torchstep diagnose``); None where a task has no model-on-inputs form
     probe: tuple | None = None
     loss_fn: Callable | None = None
+    #: classification tasks: ``(train inputs, train targets, val inputs, val targets)`` (``torchstep diagnose``)
+    data: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -214,7 +216,7 @@ def _classifier(seed, o, Xtr, ytr, Xva, yva, layers) -> Problem:
                     "train": F.cross_entropy(model(Xtr), ytr).item()}
     probe = idx(0)
     return Problem(model, train_loss, evaluate, logits=lambda step: model(Xtr[idx(step)]), tokens=o["batch"],
-                   probe=(Xtr[probe], ytr[probe]), loss_fn=F.cross_entropy)
+                   probe=(Xtr[probe], ytr[probe]), loss_fn=F.cross_entropy, data=(Xtr, ytr, Xva, yva))
 
 
 @lru_cache(maxsize=1)
