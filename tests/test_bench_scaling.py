@@ -62,24 +62,29 @@ def test_mup_gpt_equals_sp_at_the_base_width_and_scales_above_it():
         GPT(GPTConfig(width=64, heads=4, mup_base_width=30))
 
 
-def test_mup_lr_in_the_harness_is_lr_over_m_for_elementwise_rules_and_lr_for_muon():
+def test_mup_lr_in_the_harness_follows_each_arms_rule():
     opts = {"width": 64, "depth": 1, "heads": 2, "context": 16, "batch": 2, "mup_base_width": 16}
     problem = TASKS["gpt-bytes"].problem(0, **opts)
     assert problem.mup_width_mult == 4
     adamw = arms.ArmOptimizer(arms.ARMS["adamw"], problem, 1e-2, 10)
     muon = arms.ArmOptimizer(arms.ARMS["muon-fp32"], problem, 1e-2, 10)
     assert adamw.rule.param_groups[0]["initial_lr"] == pytest.approx(2.5e-3)
-    assert muon.rule.param_groups[0]["initial_lr"] == pytest.approx(1e-2)
+    assert muon.rule.param_groups[0]["initial_lr"] == pytest.approx(5e-3)     # match_rms_adamw: lr/√m
+    sgd = arms.ArmOptimizer(arms.ARMS["sgd"], problem, 1e-2, 10)
+    assert sgd.rule.param_groups[0]["initial_lr"] == pytest.approx(1e-2)      # MuSGD: lr/(m_in/m_out) = lr
+    with pytest.raises(ValueError, match="no μP rule"):
+        arms.ArmOptimizer(arms.ARMS["galore"], problem, 1e-2, 10)
+    assert arms.mup_lr_factor("galore", 1) == 1
     assert resolve("gpt-bytes", "adamw", 1e-2, 0, 10, "tune", {"width": 64})["task_options"] == \
         resolve("gpt-bytes", "adamw", 1e-2, 0, 10, "tune", {"width": 64, "mup_base_width": 0})["task_options"]
 
 
-def _row(p, width, lr, val, diverged=False):
-    options = {**TASKS["gpt-bytes"].options, "width": width, **({"mup_base_width": 32} if p == "mup" else {})}
-    config = {"task": "gpt-bytes", "arm": "adamw", "lr": lr, "seed": 0, "task_options": options}
-    return {"trial_id": trial_id(config), "task": "gpt-bytes", "arm": "adamw", "lr": lr, "seed": 0, "steps": 1,
+def _row(p, width, lr, val, steps=1):
+    config = resolve("gpt-bytes", "adamw", lr, 0, steps, "tune",
+                     {"width": width, "mup_base_width": 32 if p == "mup" else 0, "tied_fallback": True})
+    return {"trial_id": trial_id(config), "task": "gpt-bytes", "arm": "adamw", "lr": lr, "seed": 0, "steps": steps,
             "phase": "tune", "config": json.dumps(config), "env": "{}", "init_val": 5.0, "final_val": val,
-            "diverged": int(diverged), "cpu_s": 0.0, "wall_s": 0.0, "opt_cpu_s": 0.0, "state_bytes": 0,
+            "diverged": 0, "cpu_s": 0.0, "wall_s": 0.0, "opt_cpu_s": 0.0, "state_bytes": 0,
             "final_metrics": "{}", "finished": 0.0}
 
 
@@ -90,6 +95,7 @@ def test_transfer_summary_reports_best_lr_spread_and_regret(tmp_path):
     for (p, w), runs in vals.items():
         for lr, v in runs.items():
             write_trial(db, _row(p, w, lr, v), [])
+    write_trial(db, _row("sp", 64, 3e-3, 0.1, steps=2), [])   # another budget in the same database: ignored
     plan = transfer.suites(("adamw",), (32, 64), 1, 1, 3, {})
     rows = {(r["param"], r["width"]): r for r in transfer.summary(db, plan)}
     assert rows[("sp", 64)]["best_lr"] == 1e-2 and rows[("sp", 64)]["regret"] == pytest.approx(0.25)
@@ -98,6 +104,8 @@ def test_transfer_summary_reports_best_lr_spread_and_regret(tmp_path):
     assert transfer.spread(list(rows.values()), "adamw", "mup") == 0
     transfer.figure(db, plan, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
+    transfer.write_csv(db, plan, tmp_path / "t.csv")
+    assert len((tmp_path / "t.csv").read_text().splitlines()) == 1 + 12
 
 
 def test_monitored_trial_records_sharpness_and_trains_exactly_as_unmonitored(tmp_path):

@@ -162,3 +162,16 @@ def test_dit_block_roles_follow_from_shapes():
     assert s["t_mlp.2.weight"].hidden and s["adaLN.weight"].hidden and s["adaLN.weight"].width_mult == 4
     assert not s["final.weight"].hidden
     assert set(dit_roles()) >= {"final layer (d → p·p·C)", "attention logits"}
+
+
+def test_three_width_dims_and_tied_readouts_are_rejected():
+    with pytest.raises(ValueError, match="width dimensions"):
+        infinite_shapes({"w": (8, 8, 8)}, {"w": (4, 4, 4)})
+    class Tied(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.emb = nn.Embedding(10, d)
+            self.out = MuReadout(d, 10, bias=False)
+            self.out.weight = self.emb.weight
+    with pytest.raises(ValueError, match="tied"):
+        make_mup(Tied(64), Tied(16))

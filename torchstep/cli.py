@@ -159,10 +159,10 @@ def cmd_bench_transfer(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from .bench import transfer
-    from .bench.arms import ARMS
-    unknown = [a for a in args.optimizers if a not in ARMS]
+    from .bench.arms import MUP_RULES
+    unknown = [a for a in args.optimizers if a not in MUP_RULES]
     if unknown:
-        fail(f"unknown optimizer {', '.join(unknown)}; valid: {', '.join(ARMS)}")
+        fail(f"optimizer {', '.join(unknown)} has no μP rule; valid: {', '.join(MUP_RULES)}")
     if len(args.widths) < 2 or min(args.widths) < 1:
         fail(f"invalid --widths {args.widths}; valid: two or more positive widths")
     options = task_options(args.set)

@@ -141,6 +141,33 @@ def extend(grid: list[float], lr: float, default_lr: float) -> list[float]:
     return lr_grid(default_lr, offsets=ks)
 
 
+#: μP's hidden-matrix lr rule per arm (torchstep.scaling.mup's table) for a model whose hidden matrices share one
+#: fan-in multiplier m and have m_in/m_out = 1 (the byte GPT): entry-wise normalised rules lr/m, SGD-type lr,
+#: Muon with Moonlight's 0.2·√max(m, n) scale lr/√m (Keller's / spectral scales: lr).  Arms not listed have no
+#: rule we can justify (low-rank projections, AdaGrad-Norm's global scalar, ClassP, NorMuon / Muon++ / LANTON's
+#: extra normalisations) and are refused under μP rather than guessed.
+MUP_RULES = {**dict.fromkeys(("adamw", "lion", "adamp", "diffgrad", "sophiag", "sophiah", "spam", "stablespam",
+                              "schedulefree-adamw", "adadagrad", "torch-adafactor", "spectra-adamw",
+                              "sinkgd", "swan"), "adam"),       # SinkGD / SWAN: entries of RMS ≈ 1, as Adam's
+             **dict.fromkeys(("sgd", "sgdp", "schedulefree-sgd"), "sgd"),
+             **dict.fromkeys(("muon", "muon-fp32", "torch-muon"), "muon")}
+
+
+def mup_lr_factor(arm: str, m: float) -> float:
+    """The factor on the arm's lr for the hidden matrices at width multiplier ``m`` (1 when ``m`` = 1)."""
+    if m == 1:
+        return 1.0
+    rule = MUP_RULES.get(arm)
+    if rule is None:
+        raise ValueError(f"no μP rule for arm {arm!r}; valid: {', '.join(MUP_RULES)}")
+    if rule == "adam":
+        return 1 / m
+    if rule == "sgd":
+        return 1.0
+    kwargs = ARMS[arm].kwargs
+    return m ** -0.5 if "match_rms_adamw" in (kwargs.get("adjust_lr"), kwargs.get("adjust_lr_fn")) else 1.0
+
+
 def applicable(arm: Arm, task) -> bool:
     return task.matrices or not arm.matrix_only
 
@@ -161,7 +188,7 @@ SCHEDULES: dict[str, tuple[str, Callable[[int, int, int], float]]] = {
                 "schedule", lambda t, total, w: schedules.linear_decay(t + 1, total, w)),
 }
 #: arms whose refined schedule is computed from ℓ2 gradient norms (the paper's SGD case); ℓ1 for the rest
-SGD_TYPE = ("sgd",)
+SGD_TYPE = ("sgd", "sgdp")
 
 #: arms whose optimizer replaces the schedule: they always run with ``none`` and get the harness' warm-up as
 #: their own ``warmup_steps``
@@ -187,9 +214,9 @@ class ArmOptimizer:
         if arm.accepts is not None:      # tensors the rule cannot take join the shared fallback
             rest += [p for p in rule if not arm.accepts(p)]
             rule = [p for p in rule if arm.accepts(p)]
-        # μP (Problem.mup_width_mult = m): element-wise rules take lr/m on the hidden matrices, Muon-type rules
-        # (orthogonal updates with a shape scale) lr itself; the fallback's vector-like tensors keep theirs
-        self.rule = arm.make([{"params": rule}], lr if arm.matrix_only else lr / problem.mup_width_mult)
+        # μP (Problem.mup_width_mult = m): the hidden matrices' lr per the arm's rule (mup_lr_factor); the
+        # fallback's vector-like tensors keep theirs
+        self.rule = arm.make([{"params": rule}], lr * mup_lr_factor(arm.name, problem.mup_width_mult))
         if arm.hessian == "gnb":
             for g in self.rule.param_groups:
                 g["bs"] = problem.tokens

@@ -65,9 +65,10 @@ def write(out: str | Path, analysis: dict[str, Any] | None = None) -> Path:
         w.writeheader()
         w.writerows(summary_rows)
     env = json.loads(a["rows"][0]["env"]) if a["rows"] else {}
+    schedules = " / ".join(sorted({json.loads(r["config"])["schedule"] for r in a["rows"]})) or "schedule ?"
     md = ["# torchstep benchmark report", "",
           f"Protocol `{json.loads(a['rows'][0]['config'])['protocol'] if a['rows'] else '?'}`: per-arm lr search "
-          "(4 half-decade points, edge-extended), warm-up 5 % + cosine to 0 at each run's own budget, matched "
+          f"(4 half-decade points, edge-extended), {schedules} at each run's own budget, matched "
           "routing (non-matrix tensors on AdamW at a shared lr for every arm), paired seeds, final metrics only, "
           "paired t-test (α = 0.05) before a winner is named.", "",
           f"Environment: torch {env.get('torch')}, numpy {env.get('numpy')}, Python {env.get('python')}, "

@@ -144,7 +144,8 @@ def run_trial(config: dict[str, Any], db_path: str | None = None) -> dict[str, A
     torch.manual_seed(config["seed"])
     problem = task.problem(config["seed"], **config["task_options"])
     if first is not None and first["curve_fn"] is None:        # pass 1 diverged: nothing to refine
-        result = {**first, "curve": [(0, "val", first["init_val"], 0.0, 0.0)], "cpu_s": 0.0, "wall_s": 0.0}
+        result = {**first, "curve": [(0, "val", first["init_val"], 0.0, 0.0)], "cpu_s": 0.0, "wall_s": 0.0,
+                  "opt_cpu": 0.0}                                   # pass 1's time is added below, once
     else:
         opt = ArmOptimizer(arm, problem, config["lr"], steps, schedule="linear" if first else name,
                            curve=first and first["curve_fn"])

@@ -109,7 +109,8 @@ def run_local(next_pending: Callable[[], list[dict]], db: str, workers: int,
             while True:
                 flying = {trial_id(c) for c, _ in futures.values()}
                 for c in next_pending():
-                    if trial_id(c) not in flying:
+                    if trial_id(c) not in flying:             # also a config two suites both plan
+                        flying.add(trial_id(c))
                         futures[pool.submit(_run, c, db)] = (c, _name(c))
                 if not futures:
                     return

@@ -32,7 +32,7 @@ class Problem:
     routed: bool = True          # model with embeddings/norms/biases → matched routing applies
     tokens: int = 1              # examples (tokens) per step: Sophia-G's ``bs``
     #: μP width multiplier m of the hidden matrices (all share one fan-in multiplier); 1 = standard
-    #: parametrisation.  The harness then runs element-wise rules at lr/m and Muon-type rules at lr (μP's table)
+    #: parametrisation.  The harness then scales the hidden matrices' lr by ``arms.mup_lr_factor`` (μP's table)
     mup_width_mult: float = 1.0
     #: the shared fallback (embeddings, head, norms) at the arm's lr instead of the fixed FALLBACK_LR: one lr for
     #: the whole model, as an lr-transfer study needs (μP keeps it unchanged on these vector-like tensors)

@@ -9,7 +9,7 @@ divided by m on the hidden matrices under μP.  The report gives, per arm and pa
 the spread of the best lr across widths (in half-decades: the grid's unit), and the *transfer regret* — the
 loss at the base width's best lr minus the width's own best — which μP should keep near zero.
 
-Run by ``torchstep bench transfer`` (docs/lr-transfer.md quotes its output).
+Run by ``torchstep bench transfer`` (docs/mup.md quotes its output; docs/results/lr-transfer keeps the run).
 """
 from __future__ import annotations
 
@@ -36,16 +36,33 @@ def suites(arms: tuple[str, ...], widths: tuple[int, ...], steps: int, seeds: in
 
 
 def _rows_by(db: Path, plan: dict[tuple[str, int], Suite]) -> dict[tuple[str, int, str], dict[float, dict]]:
-    """(parametrisation, width, arm) → lr → the seed-0 row."""
+    """(parametrisation, width, arm) → lr → the seed-0 row of exactly this plan's configuration (same options,
+    budget and schedule: a database re-used with other settings contributes nothing)."""
+    from .runner import resolve
+    wanted = {}
+    for key, suite in plan.items():
+        for arm in suite.arms:
+            c = resolve("gpt-bytes", arm, 1.0, 0, suite.budget("gpt-bytes"), "tune", suite.options["gpt-bytes"],
+                        schedule=suite.schedule)
+            wanted[(arm, json.dumps(c["task_options"], sort_keys=True), c["steps"], c["schedule"])] = key
     out: dict[tuple[str, int, str], dict[float, dict]] = {}
     for row in trials(db):
-        if row["seed"] != 0:
-            continue
-        o = json.loads(row["config"])["task_options"]
-        p = "mup" if o.get("mup_base_width") else "sp"
-        if (p, o["width"]) in plan:
-            out.setdefault((p, o["width"], row["arm"]), {})[row["lr"]] = row
+        c = json.loads(row["config"])
+        key = wanted.get((row["arm"], json.dumps(c["task_options"], sort_keys=True), c["steps"], c["schedule"]))
+        if row["seed"] == 0 and key is not None:
+            out.setdefault((*key, row["arm"]), {})[row["lr"]] = row
     return out
+
+
+def write_csv(db: Path, plan: dict[tuple[str, int], Suite], path: Path) -> None:
+    """Every seed-0 trial of the plan: arm, parametrisation, width, lr, final val, diverged."""
+    import csv
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(("arm", "param", "width", "lr", "final_val", "diverged"))
+        for (p, width, arm), runs in sorted(_rows_by(db, plan).items()):
+            for lr, row in sorted(runs.items()):
+                w.writerow((arm, p, width, lr, row["final_val"], row["diverged"]))
 
 
 def summary(db: Path, plan: dict[tuple[str, int], Suite]) -> list[dict]:
@@ -100,11 +117,13 @@ def figure(db: Path, plan: dict[tuple[str, int], Suite], path: Path) -> None:
 def run(out: str | Path, arms: tuple[str, ...] = ("adamw",), widths: tuple[int, ...] = (32, 64, 128, 256),
         steps: int = 300, seeds: int = 1, grid_points: int = 6, options: dict | None = None,
         workers: int | None = None, progress: bool = True) -> tuple[Path, list[dict]]:
-    """Sweep every (parametrisation, width) into ``out/results.sqlite``; write the figure; return the summary."""
+    """Sweep every (parametrisation, width) into ``out/results.sqlite``; write the figure and ``lr-transfer.csv``
+    (every seed-0 trial); return the summary."""
     plan = suites(arms, widths, steps, seeds, grid_points, options or {})
     db = sweep(list(plan.values()), out, workers=workers, progress=progress)
     figure(db, plan, Path(out) / "lr-transfer.png")
+    write_csv(db, plan, Path(out) / "lr-transfer.csv")
     return db, summary(db, plan)
 
 
-__all__ = ["PARAMETRISATIONS", "suites", "summary", "spread", "figure", "run"]
+__all__ = ["PARAMETRISATIONS", "suites", "summary", "spread", "figure", "write_csv", "run"]

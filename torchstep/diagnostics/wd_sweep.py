@@ -46,10 +46,13 @@ class _NormedMLP(nn.Module):
 def run(exponent: float, width: int, base_width: int = 64, steps: int = 2000, lr: float = 3e-3,
         weight_decay: float = 0.5, d_in: int = 32, d_out: int = 8, batch: int = 64, seed: int = 0) -> WdResult:
     """Train at ``width`` with the recipe (lr, λ) tuned at ``base_width`` moved by κ = ``exponent``."""
+    torch.manual_seed(10_000 + seed)
+    teacher = _NormedMLP(d_in, 64, d_out)            # the same teacher at every width and κ
     torch.manual_seed(seed)
     model = _NormedMLP(d_in, width, d_out)
-    teacher = _NormedMLP(d_in, 64, d_out)
-    shapes = infinite_shapes(model, _NormedMLP(d_in, base_width, d_out), delta=_NormedMLP(d_in, 2 * base_width, d_out))
+    with torch.device("meta"):                       # shapes only
+        shapes = infinite_shapes(model, _NormedMLP(d_in, base_width, d_out),
+                                 delta=_NormedMLP(d_in, 2 * base_width, d_out))
     opt = torch.optim.AdamW(width_scaled_groups(model, lr, weight_decay, width, base_width, exponent,
                                                 shapes=shapes))
     g = torch.Generator().manual_seed(seed)

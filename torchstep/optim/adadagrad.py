@@ -148,7 +148,9 @@ class AdAdaGradNorm(_AdaGradFamily):
 
     ``initial_accumulator_value`` is read every step for ``"group"`` (b₀² is added to the group's total), and
     when a tensor's state is created for ``"tensor"`` / ``"row"`` (stored in the accumulator, as torch's
-    Adagrad).  The granularity is fixed when a tensor's state is created (changing it later raises).
+    Adagrad).  The granularity is fixed when a tensor's state is created: changing it later raises where the
+    accumulator's shape differs (``"row"`` / ``"coordinate"`` vs a scalar); ``"tensor"`` ↔ ``"group"`` (both a
+    scalar) is not detected and counts b₀² twice — do not switch them mid-run.
     Tensors without a gradient this step, or skipped for a non-finite one, add nothing to b² but their past
     share still counts.  A scalar accumulator saturates at the dtype's largest value instead of becoming inf.
 

@@ -263,8 +263,8 @@ class AdaptiveBatch:
 
     ``b_k`` in the update is the controller's batch size, not the rows handed in (an epoch's shorter last
     batch cannot lower it).  The test costs ``b × #params`` transient memory for the per-sample gradients
-    (slice the batch to test on fewer samples: the statistics are per-sample variances) and one host sync
-    (the new batch size is a Python int); the statistics are computed in the gradients' dtype (fp16/bf16 in
+    (slice the batch to test on fewer samples: the statistics are per-sample variances) and two host syncs
+    per test (the statistics and the proposed size are read as Python numbers); the statistics are computed in the gradients' dtype (fp16/bf16 in
     float32).  Once the batch size reaches ``max_batch_size`` no test runs (as the official loop).
     Not implemented: the distributed variants (law of total variance across workers) — under DDP run it on
     one rank's batch and broadcast the size; the paper's coordinate-wise test for AdaGrad.
@@ -301,6 +301,9 @@ class AdaptiveBatch:
         and return the new batch size.  A batch of one sample (an epoch's remainder) is not tested."""
         due = self.due
         self.calls += 1
+        if due and per_sample is None:
+            raise ValueError("Invalid per_sample: None while a test is due (valid range: the batch's per-sample "
+                             "gradients; check .due first)")
         if not due or _rows(per_sample) < 2:          # an epoch's one-sample remainder has no unbiased variance
             return self.batch_size
         stats = gradient_statistics(per_sample, blockwise=self.compat == "official")
@@ -391,6 +394,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         _check_int("epoch", state["epoch"], 0)
         _check_int("position", state["position"], 0)
         self.epoch, self.position, self.seed = state["epoch"], state["position"], state.get("seed", self.seed)
+        self._order = None                            # a cached permutation may belong to another seed
 
 
 __all__ = ["AdaptiveBatch", "AdaptiveBatchSampler", "GradientStatistics", "per_sample_gradients",

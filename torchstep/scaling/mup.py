@@ -109,6 +109,9 @@ def _zip(base: dict[str, tuple], target: dict[str, tuple], what: str) -> dict[st
         if len(b) != len(shape):
             raise ValueError(f"Invalid {what}: {name} has {len(b)} dims there and {len(shape)} in the model")
         out[name] = MuShape(shape, tuple(None if bd == d else bd for bd, d in zip(b, shape)))
+        if out[name].ninf > 2:
+            raise ValueError(f"Invalid model: {name} has {out[name].ninf} width dimensions (valid range: at most 2; "
+                             "μP is not defined beyond matrices of widths)")
     return out
 
 
@@ -198,7 +201,11 @@ def make_mup(model: nn.Module, base: nn.Module | Mapping, delta: nn.Module | Map
             weight = getattr(module, "weight", None)
             if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or weight is None:
                 continue
-            s = shapes[prefix[module] + "weight"]
+            key = prefix[module] + "weight"
+            if key not in shapes:                       # a weight tied to another module's (named there)
+                raise ValueError(f"Invalid model: {key} is tied to another parameter (valid range: untied layers; "
+                                 "a MuReadout sharing an embedding's weight is not supported)")
+            s = shapes[key]
             if isinstance(module, MuReadout):
                 module.width_mult = s.width_mult
                 factors = {"weight": s.width_mult ** 0.5, "bias": s.width_mult ** 0.5}
