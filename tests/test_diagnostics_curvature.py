@@ -343,7 +343,9 @@ def test_gd_at_the_edge_and_sharpness_monitor_reads_the_current_lr():
     rec = mon(400, model=model, optimizer=opt, loss_fn=mean_loss, batch=QBATCH)
     assert rec["threshold"] == pytest.approx(20.0) and rec["ratio"] == pytest.approx(0.2) and rec["eos"] == 0.0
     assert rec["trace_ratio"] == pytest.approx(0.1 * rec["trace"] / 2)
-    assert len(mon.history) == 5 and SharpnessMonitor().load_state_dict(mon.state_dict()) is None
+    other = SharpnessMonitor()
+    other.load_state_dict(mon.state_dict())
+    assert len(mon.history) == 5 and other.history == mon.history and other.every == mon.every
 
 
 def test_sharpness_monitor_momentum_per_group_lrs_batch_sharpness_and_negative_warning():
@@ -455,3 +457,16 @@ def test_parity_curvlinops_trace_and_spectral_density():
     sigma = (hi - lo) * (1 + 2 * margin) / 2 * 2 / (ncv - 1) / math.sqrt(8 * math.log(3.0))
     ours = spectral_density(op, ncv, start=starts, sigma=sigma, grid=grid)
     assert torch.allclose(ours.density, density, rtol=1e-6, atol=1e-8 * float(density.max()))
+
+
+def test_critical_lr_terminates_on_a_singular_hessian_and_the_bound_without_replacement():
+    from torchstep.diagnostics import sgd_critical_lr, sgd_linear_stability
+    g = torch.Generator().manual_seed(0)
+    grads = torch.randn(3, 6, generator=g, dtype=torch.float64)      # P > n: H = mean ∇f∇fᵀ is singular
+    lr = sgd_critical_lr(grads, 1)
+    assert 0 < lr and sgd_linear_stability(grads, lr * 0.999).stable and not sgd_linear_stability(grads, lr * 1.01).stable
+    cards = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    s = sgd_linear_stability(cards, 0.5, 2, replacement=False)      # p = (6 − 2)/(2·5) = 0.4
+    assert s.derived_trace_bound == pytest.approx(2 / (0.5 * 0.4))
+    with pytest.raises(ValueError, match="rtol"):
+        sgd_critical_lr(cards, 1, rtol=0)

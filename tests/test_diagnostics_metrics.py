@@ -296,7 +296,9 @@ def test_output_logit_monitor_log_z_drift_and_max_logit():
     log_z = logits.logsumexp(-1)
     assert abs(rec["log_z_mean"] - log_z.mean().item()) < 1e-12 and rec["log_z_drift"] == 0
     assert abs(rec["log_z_sq_mean"] - z_loss(logits, 1.0).item()) < 1e-12
-    assert rec["log_z_min"] <= rec["log_z_mean"] <= rec["log_z_max"] and rec["logit_max"] == logits.max().item()
+    # (the monitor's forward runs the math attention kernel: equal to the fused one up to rounding)
+    assert rec["log_z_min"] <= rec["log_z_mean"] <= rec["log_z_max"]
+    assert abs(rec["logit_max"] - logits.max().item()) < 1e-12
     assert mon(1, model=model, loss_fn=None, batch=(idx, tgt)) is None
     with torch.no_grad():
         model.head.weight *= 10

@@ -56,6 +56,15 @@ def test_plain_loop_records_every_k_steps_logs_and_restores_mode():
     assert copy.monitors[0].history == hist and copy.monitors[0].every == 3
 
 
+def test_a_frozen_submodule_keeps_its_mode():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+    model.train()
+    model[1].eval()                                     # frozen statistics inside a training model
+    x = torch.randn(8, 4)
+    MonitorSet([ProbeLoss()], F.mse_loss, probe=(x, x[:, :1])).step(0, model)
+    assert model.training and model[0].training and not model[1].training
+
+
 def test_bad_sets_and_missing_batches_are_rejected():
     model, probe = _problem()
     with pytest.raises(ValueError, match="monitors"):
@@ -75,10 +84,15 @@ def test_hf_callback_measures_on_the_probe_at_the_global_step():
     monitors = MonitorSet([ProbeLoss(every=2)], F.mse_loss, probe=probe)
     cb = monitors.hf_callback()
     state = TrainerState()
+
+    class Wrapped:                                      # what the Trainer passes: accelerate's wrapper
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+    opt_passed = Wrapped(opt)
     for step in (1, 2, 4):
         state.global_step = step
         cb.on_step_end(TrainingArguments(output_dir="/tmp/unused", report_to=[]), state, TrainerControl(),
-                       model=model, optimizer=opt)
+                       model=model, optimizer=opt_passed)
     assert [r["step"] for r in monitors.monitors[0].history] == [2, 4]
     assert monitors.monitors[0].history[0]["lr"] == 0.05
 

@@ -195,6 +195,8 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     if args.optimizer not in ARMS:
         fail(f"unknown optimizer {args.optimizer}; valid: {', '.join(ARMS)}")
     options = task_options(args.set).get(args.task, {})
+    if args.kind == "intrinsic-dim" and args.train_steps:
+        fail("invalid --train-steps for intrinsic-dim; it trains in subspaces around the initialisation (valid: 0)")
     try:
         prob = diagnose.problem(args.task, options, args.optimizer, args.lr, args.train_steps)
         out = Path(args.out or f"bench-out/diagnose/{args.task}")

@@ -106,7 +106,8 @@ def el2n(prob, out: Path) -> list[tuple]:
 
 def intrinsic(prob, out: Path, dims: tuple[int, ...] = (10, 30, 100, 300, 1000), steps: int = 300,
               projection: str = "fastfood", lr: float = 1e-2) -> list[tuple]:
-    """Validation accuracy of subspace training at each ``d`` (and direct training); d_int90 both ways."""
+    """Validation accuracy of subspace training at each ``d`` (and direct training); d_int90 both ways.  θ0 is
+    ``prob.model``'s current weights: pass an untrained problem (the definition trains from initialisation)."""
     if prob.data is None:
         raise ValueError("Invalid task: intrinsic dimension needs a classification task (digits-mlp, mnist1d)")
     Xtr, ytr, Xva, yva = prob.data

@@ -84,6 +84,25 @@ def write_figures(db: str | Path, analysis: dict[str, Any], fig_dir: str | Path)
     return made
 
 
+def grid_table(db: str | Path) -> list[str]:
+    """Markdown lines: every monitored seed-0 trial (the whole lr grid), its max ratio and λ_max(H) and whether
+    it diverged — where along the grid each rule meets its edge."""
+    from .store import trials
+    ratio, sharp = curves(db, "monitor/ratio"), curves(db, "monitor/sharpness")
+    rows = [r for r in trials(db) if r["seed"] == 0 and r["trial_id"] in sharp]
+    if not rows:
+        return []
+    lines = ["| task | arm | lr | max ratio | last ratio | max λ_max(H) | final val | diverged |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["task"], r["arm"], r["lr"])):
+        rs = [p[1] for p in ratio.get(r["trial_id"], []) if p[1] is not None]
+        ss = [p[1] for p in sharp[r["trial_id"]] if p[1] is not None]
+        lines.append(f"| {r['task']} | {r['arm']} | {r['lr']:g} | {max(rs) if rs else float('nan'):.3g} | "
+                     f"{rs[-1] if rs else float('nan'):.3g} | {max(ss) if ss else float('nan'):.4g} | "
+                     f"{r['final_val']:.4g} | {'yes' if r['diverged'] else ''} |")
+    return lines
+
+
 def table(db: str | Path, analysis: dict[str, Any]) -> list[str]:
     """Markdown lines: per task and arm, the ratio's max and its mean over the second half of training."""
     lines = []
@@ -100,4 +119,4 @@ def table(db: str | Path, analysis: dict[str, Any]) -> list[str]:
     return lines
 
 
-__all__ = ["series", "write_figures", "table"]
+__all__ = ["series", "write_figures", "table", "grid_table", "threshold_rule"]

@@ -102,7 +102,7 @@ def write(out: str | Path, analysis: dict[str, Any] | None = None) -> Path:
     if stability:
         eos.write_figures(db, a, out / "figures")
         md += ["## Edge of stability (`--monitor sharpness`)", "", eos.__doc__.split("\n\n")[1].replace("\n", " "),
-               ""] + stability
+               ""] + stability + ["Every lr of the grid (seed 0):", ""] + eos.grid_table(db) + [""]
     warnings = [f"- {task}/{arm}: best lr {e['lr']:g} is on the grid edge after extension" for task, per in
                 a["summary"].items() for arm, e in per.items() if e["edge"] and e["lr"] is not None]
     warnings += [f"- {task}/{arm}: every grid point diverged" for task, per in a["summary"].items()

@@ -126,7 +126,11 @@ def domain_alignment(model: nn.Module, loss_fn: LossFn, batches: Sequence[tuple[
         return loss / targets.shape[0] if reduction == "sum" else loss
 
     if hutchinson_samples and generator is None:
-        generator = torch.Generator(device=phi[0].device).manual_seed(int(torch.randint(2 ** 62, ())))
+        # seeded from the global RNG without advancing it: a diagnostic inside a training loop must not change
+        # the run (different probes per call come from the caller's generator if wanted)
+        with torch.random.fork_rng(devices=[]):
+            seed = int(torch.randint(2 ** 62, ()))
+        generator = torch.Generator(device=phi[0].device).manual_seed(seed)
     state = generator.get_state() if generator is not None else None
     with _mode(model, mode), torch.enable_grad():
         graphs = []

@@ -40,8 +40,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import OrderedDict
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +49,7 @@ from torch.func import functional_call, jvp
 from ..ops.moments import adam_denominator, bias_corrections
 from ..optim._base import check_choice, check_range, evaluate_closure, scalar
 from ..optim.wrapper import OptimizerWrapper
+from .hessian import diagnostic_mode
 from .monitor import LossFn, Monitor
 
 PI = math.pi
@@ -156,26 +156,6 @@ def safe_lr(lr: float, rho: float, update_norm: float, target: float = 1.0, lr_m
 
 
 # ---------------------------------------------------------------------------------------------- JVP
-@contextmanager
-def _in_mode(model: nn.Module, mode: str) -> Iterator[None]:
-    """Run with the model in ``mode``; in train mode BatchNorm uses batch statistics without updating its
-    buffers (torch.func cannot mutate them, and a diagnostic should not); every flag is restored."""
-    check_choice("mode", mode, MODES)
-    flags = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
-    model.train(mode == "train")
-    if mode == "train":
-        for m, _, track in flags:
-            if track:   # BatchNorm / InstanceNorm tracking running statistics
-                m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m, flag, track in flags:
-            m.training = flag
-            if track is not None:
-                m.track_running_stats = track
-
-
 def logit_slopes(model: nn.Module, inputs: Any, direction: Mapping[str, Tensor], *,
                  at: Mapping[str, Tensor] | None = None, mode: str = "eval",
                  logits_fn: LogitsFn | None = None) -> tuple[Tensor, Tensor]:
@@ -217,7 +197,7 @@ def logit_slopes(model: nn.Module, inputs: Any, direction: Mapping[str, Tensor],
         outputs = functional_call(model, ps, (inputs,))
         return outputs if logits_fn is None else logits_fn(outputs)
 
-    with _in_mode(model, mode):
+    with diagnostic_mode(model, mode):
         logits, slopes = jvp(forward, (primals,), (tangents,))
     if logits.dim() < 1:
         raise ValueError("Invalid logits: need a class axis (shape (..., C))")
@@ -535,7 +515,7 @@ class RhoController(_RadiusWrapper):
         super().__init__(optimizer, model, mode, logits_fn, dict(rho_target=target, rho_floor=floor, rho_cap=cap))
 
     def _forward_logits(self, inputs: Any) -> Tensor:
-        with torch.no_grad(), _in_mode(self.model, self.mode):
+        with torch.no_grad(), diagnostic_mode(self.model, self.mode):
             outputs = self.model(inputs)
         return outputs if self.logits_fn is None else self.logits_fn(outputs)
 

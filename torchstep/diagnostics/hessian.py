@@ -40,6 +40,7 @@ import warnings
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp
 
@@ -120,7 +121,13 @@ def _batch_size(inputs: Any, targets: Any) -> int:
 
 
 @contextlib.contextmanager
-def _in_mode(model: nn.Module, mode: str):
+def diagnostic_mode(model: nn.Module, mode: str):
+    """Run a diagnostic with ``model`` in ``mode`` (``"eval"`` / ``"train"``) and every flag restored after,
+    per module.  In train mode BatchNorm uses batch statistics without updating its buffers (torch.func cannot
+    mutate them, and a diagnostic should not).  Attention runs on the math SDPA kernel: the fused CPU / flash
+    kernels have no double-backward or forward-mode derivative (HVPs and JVPs through a Transformer need it)."""
+    if mode not in ("eval", "train"):
+        raise ValueError(f"Invalid mode: {mode!r} (valid range: 'eval' or 'train')")
     flags = [(m, m.training) for m in model.modules()]
     norms = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
     model.train(mode == "train")
@@ -128,7 +135,8 @@ def _in_mode(model: nn.Module, mode: str):
         for m, _ in norms:
             m.track_running_stats = False
     try:
-        yield
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
     finally:
         for m, flag in flags:
             m.training = flag
@@ -242,7 +250,7 @@ class CurvatureOperator(Operator):
 
     def _accumulate(self, per_batch: Callable[[dict[str, Tensor], Any, Any], dict[str, Tensor]]) -> Tensor:
         params, total, count = self.parameters(), None, 0
-        with _in_mode(self.model, self.mode):
+        with diagnostic_mode(self.model, self.mode):
             for batch in self.data:
                 inputs, targets = batch
                 n = _batch_size(inputs, targets)

@@ -7,7 +7,8 @@ arXiv 2302.05442) and z-loss (Chowdhery et al. 2022, PaLM, arXiv 2204.02311).  t
 (``torchstep.bench.gpt``) has both as ``GPTConfig(qk_norm=…, z_loss=…)``.
 
 The two monitors follow :class:`~torchstep.diagnostics.monitor.Monitor`: every ``every`` steps they run one extra
-``model(inputs)`` of the batch under ``no_grad`` (in the model's current train/eval mode) and return floats.
+``model(inputs)`` of the batch under ``no_grad`` in eval mode (no BatchNorm update, no dropout draw; every
+module's flag restored) and return floats.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..optim._base import check_range
+from .hessian import diagnostic_mode
 from .monitor import LossFn, Monitor
 
 
@@ -117,7 +119,7 @@ class AttentionLogitMonitor(Monitor):
                 hooks.append(mod.register_forward_hook(
                     lambda _m, _i, out, key=(name, role): seen.__setitem__(key, out.detach())))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), diagnostic_mode(model, "eval"):
                 model(batch[0])
         finally:
             for h in hooks:
@@ -161,7 +163,7 @@ class OutputLogitMonitor(Monitor):
 
     def measure(self, *, model: nn.Module, optimizer: torch.optim.Optimizer | None, loss_fn: LossFn,
                 batch: tuple[Any, Any], step: int) -> dict[str, float]:
-        with torch.no_grad():
+        with torch.no_grad(), diagnostic_mode(model, "eval"):
             logits = model(batch[0]).double()
         log_z = logits.logsumexp(-1)
         mean = float(log_z.mean())

@@ -135,8 +135,8 @@ class SGDStability(NamedTuple):
 
     ``radius``/``stable``: the exact spectral radius of ``T(M) = E[(I − ηH_ξ)M(I − ηH_ξ)]`` and ``radius ≤ 1``;
     ``trace``; ``paper_bound = 2/η`` and ``paper_holds`` (Wu & Su's ``tr H ≤ 2/η``); ``lhs = η·E tr(H_ξ²)``,
-    ``rhs = 2 tr H`` and ``derived_holds`` (the derived necessary condition); ``derived_trace_bound = 2B/η`` (the
-    derived consequence for rank-1 per-example Hessians)."""
+    ``rhs = 2 tr H`` and ``derived_holds`` (the derived necessary condition); ``derived_trace_bound = 2/(η·p)`` — 2B/η
+    with replacement, 2B(n−1)/(η(n−B)) without (the derived consequence for rank-1 per-example Hessians)."""
 
     radius: float
     stable: bool
@@ -157,6 +157,9 @@ def _per_example(hessians: Tensor) -> Tensor:
     if hessians.shape[1] > 64:
         raise ValueError(f"P = {hessians.shape[1]} is too large for the exact P²×P² operator (valid: P <= 64)")
     return hessians.double()
+
+
+_UNIT_TOL = 1e-12   # |eigenvalue| ≤ 1 + this counts as stable (rounding of the exact 1 of a singular H)
 
 
 def _mixture(n: int, batch_size: int, replacement: bool) -> float:
@@ -194,8 +197,8 @@ def sgd_linear_stability(hessians: Tensor, lr: float, batch_size: int = 1, *,
     trace = float(H.trace())
     second = (1 - p) * float((H @ H).trace()) + p * float(torch.einsum("nij,nji->", hessians, hessians)) / len(hessians)
     lhs, rhs = lr * second, 2 * trace
-    return SGDStability(radius, radius <= 1 + 1e-12, trace, 2 / lr, trace <= 2 / lr, lhs, rhs, lhs <= rhs,
-                        2 * batch_size / lr)
+    return SGDStability(radius, radius <= 1 + _UNIT_TOL, trace, 2 / lr, trace <= 2 / lr, lhs, rhs, lhs <= rhs,
+                        2 / (lr * p) if p > 0 else math.inf)      # 2B/η with replacement (p = 1/B)
 
 
 def sgd_critical_lr(hessians: Tensor, batch_size: int = 1, *, replacement: bool = True,
@@ -205,11 +208,17 @@ def sgd_critical_lr(hessians: Tensor, batch_size: int = 1, *, replacement: bool 
     by Jensen).  On the card's worked data: 1.189750 (B = 1), 1.686565, 1.927839, 2.059787 (B = 4; tested).
     Cost: ≈ 40 bisection steps of :func:`sgd_linear_stability`'s eigendecomposition; 12–13 ms on the card's data."""
     hessians = _per_example(hessians)
+    if not (rtol > 0):
+        raise ValueError(f"Invalid rtol: {rtol!r} (valid range: > 0)")
     p = _mixture(hessians.shape[0], batch_size, replacement)
     lo, hi = 0.0, 2.0 / float(torch.linalg.eigvalsh(hessians.mean(0))[-1])
-    while hi - lo > rtol * hi:
+    # a singular H (P > n: the usual interpolating minimum) leaves T an eigenvalue 1 up to rounding: the same
+    # tolerance as sgd_linear_stability, and a cap on the bisection
+    for _ in range(200):
+        if hi - lo <= rtol * hi:
+            break
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _radius(hessians, mid, p) <= 1 else (lo, mid)
+        lo, hi = (mid, hi) if _radius(hessians, mid, p) <= 1 + _UNIT_TOL else (lo, mid)
     return (lo + hi) / 2
 
 
@@ -343,9 +352,13 @@ class SharpnessMonitor(Monitor):
             rule = _check_rule(optimizer, self.rule)
             scale, lrs = self._coordinates(op, optimizer, rule)
             uniform = bool((scale == scale[0]).all())
-            if uniform:
-                rec["lr"] = float(lrs[0])
-                rec["threshold"] = 1 / float(scale[0]) if scale[0] > 0 else math.inf
+            # lr and threshold of the tensors the optimizer moves (those outside it, η = 0, e.g. a shared
+            # fallback's, do not make the rule's own threshold undefined; the ratio below stays exact)
+            owned = scale > 0
+            first = scale[owned][0] if bool(owned.any()) else scale[0]
+            if bool((scale[owned] == first).all()):
+                rec["lr"] = float(lrs[owned][0]) if bool(owned.any()) else float(lrs[0])
+                rec["threshold"] = 1 / float(first) if first > 0 else math.inf
             if rule == "adam":
                 if self.preconditioned:
                     rec["precond_sharpness"], rec["ratio"] = self._preconditioned(op, optimizer, scale, uniform)

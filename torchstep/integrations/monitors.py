@@ -10,7 +10,9 @@ trainer = transformers.Trainer(..., callbacks=[monitors.hf_callback()])
 trainer = pytorch_lightning.Trainer(callbacks=[monitors.lightning_callback()])
 ```
 
-Hugging Face callbacks are not given the training batch, so the monitors there measure on ``probe`` (a fixed
+The adapters run after each optimizer step (the Trainer zeroes the gradients before callbacks see them), so
+monitors that need this step's gradient before the update — ``SafeRadiusMonitor`` — belong in a plain loop,
+called between ``backward()`` and ``step()``.  Hugging Face callbacks are not given the training batch, so the monitors there measure on ``probe`` (a fixed
 batch: comparable across steps, the usual choice for sharpness); Lightning passes the batch, which is used
 when no probe is set (``batch_to_pair`` maps it to ``(inputs, targets)``).  Each monitor chooses its own
 train/eval mode (the diagnostics default to eval); the model's mode is restored after every measurement.
@@ -50,7 +52,7 @@ class MonitorSet:
         if batch is None:
             raise ValueError("Invalid batch: none given and no probe set (valid range: a probe or a batch)")
         out = {}
-        was_training = model.training
+        flags = [(m, m.training) for m in model.modules()]       # per module: a frozen BatchNorm stays frozen
         try:
             for m in self.monitors:
                 if step % m.every:
@@ -62,7 +64,8 @@ class MonitorSet:
                         if key != "step":
                             self.writer.add_scalar(f"{m.name}/{key}", value, step)
         finally:
-            model.train(was_training)
+            for m, flag in flags:
+                m.training = flag
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -81,7 +84,8 @@ class MonitorSet:
 
         class TorchstepMonitors(TrainerCallback):
             def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-                owner.step(state.global_step, model, optimizer)
+                # the Trainer hands over accelerate's AcceleratedOptimizer: the rule's thresholds need the real one
+                owner.step(state.global_step, model, getattr(optimizer, "optimizer", optimizer))
         return TorchstepMonitors()
 
     def lightning_callback(self):
@@ -93,7 +97,12 @@ class MonitorSet:
         owner = self
 
         class TorchstepMonitors(Callback):
+            last = None
+
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if trainer.global_step == self.last:      # gradient accumulation: one record per optimizer step
+                    return
+                self.last = trainer.global_step
                 opt = trainer.optimizers[0] if trainer.optimizers else None
                 with torch.enable_grad():
                     owner.step(trainer.global_step, pl_module, opt, owner.batch_to_pair(batch))
