@@ -470,3 +470,10 @@ def test_critical_lr_terminates_on_a_singular_hessian_and_the_bound_without_repl
     assert s.derived_trace_bound == pytest.approx(2 / (0.5 * 0.4))
     with pytest.raises(ValueError, match="rtol"):
         sgd_critical_lr(cards, 1, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [{"lanczos_steps": 0}, {"tol": 0.0}, {"eos_fraction": 1.5}, {"mode": "test"},
+                                 {"reduction": "none"}])
+def test_sharpness_monitor_rejects_bad_arguments_at_construction(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        SharpnessMonitor(**bad)

@@ -65,6 +65,13 @@ def test_a_frozen_submodule_keeps_its_mode():
     assert model.training and model[0].training and not model[1].training
 
 
+def test_two_monitors_of_one_kind_keep_separate_keys():
+    model, probe = _problem()
+    writer = Writer()
+    out = MonitorSet([ProbeLoss(), ProbeLoss(every=2)], F.mse_loss, probe=probe, writer=writer).step(0, model)
+    assert set(out) == {"probe", "probe_2"} and {t for t, _, _ in writer.scalars} >= {"probe/loss", "probe_2/loss"}
+
+
 def test_bad_sets_and_missing_batches_are_rejected():
     model, probe = _problem()
     with pytest.raises(ValueError, match="monitors"):

@@ -279,6 +279,16 @@ class SharpnessMonitor(Monitor):
             raise ValueError(f"Invalid rule: {rule!r} (valid range: 'auto', {', '.join(map(repr, _RULES))})")
         if not isinstance(trace_samples, int) or trace_samples < 0:
             raise ValueError(f"Invalid trace_samples: {trace_samples!r} (valid range: an int >= 0)")
+        if not isinstance(lanczos_steps, int) or lanczos_steps < 1:
+            raise ValueError(f"Invalid lanczos_steps: {lanczos_steps!r} (valid range: an int >= 1)")
+        if not tol > 0:
+            raise ValueError(f"Invalid tol: {tol!r} (valid range: > 0)")
+        if not 0 < eos_fraction <= 1:
+            raise ValueError(f"Invalid eos_fraction: {eos_fraction!r} (valid range: (0, 1])")
+        if mode not in ("eval", "train"):
+            raise ValueError(f"Invalid mode: {mode!r} (valid range: 'eval' or 'train')")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"Invalid reduction: {reduction!r} (valid range: 'mean' or 'sum')")
         self.data, self.rule, self.preconditioned, self.trace_samples = data, rule, preconditioned, trace_samples
         self.batch_sharpness, self.lanczos_steps, self.tol = batch_sharpness, lanczos_steps, tol
         self.mode, self.reduction, self.eos_fraction = mode, reduction, eos_fraction

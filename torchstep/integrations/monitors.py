@@ -44,25 +44,32 @@ class MonitorSet:
         if not self.monitors or not all(isinstance(m, Monitor) for m in self.monitors):
             raise ValueError("Invalid monitors: (valid range: one or more torchstep Monitor objects)")
         self.loss_fn, self.probe, self.writer, self.batch_to_pair = loss_fn, probe, writer, batch_to_pair
+        # one key per monitor: two of the same kind get name, name_2, … (records and TensorBoard tags)
+        seen: dict[str, int] = {}
+        self.keys = []
+        for m in self.monitors:
+            seen[m.name] = seen.get(m.name, 0) + 1
+            self.keys.append(m.name if seen[m.name] == 1 else f"{m.name}_{seen[m.name]}")
 
     def step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
              batch: tuple[Any, Any] | None = None) -> dict[str, dict[str, float]]:
-        """Run every due monitor; returns ``monitor name → record`` for those that measured."""
+        """Run every due monitor; returns ``key → record`` (:attr:`keys`: the monitor's name, suffixed ``_2``,
+        ``_3`` … for repeats) for those that measured."""
         batch = self.probe if self.probe is not None else batch
         if batch is None:
             raise ValueError("Invalid batch: none given and no probe set (valid range: a probe or a batch)")
         out = {}
         flags = [(m, m.training) for m in model.modules()]       # per module: a frozen BatchNorm stays frozen
         try:
-            for m in self.monitors:
+            for name, m in zip(self.keys, self.monitors):
                 if step % m.every:
                     continue
                 record = m(step, model=model, optimizer=optimizer, loss_fn=self.loss_fn, batch=batch)
-                out[m.name] = record
+                out[name] = record
                 if self.writer is not None:
                     for key, value in record.items():
                         if key != "step":
-                            self.writer.add_scalar(f"{m.name}/{key}", value, step)
+                            self.writer.add_scalar(f"{name}/{key}", value, step)
         finally:
             for m, flag in flags:
                 m.training = flag
