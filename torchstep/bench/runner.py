@@ -44,7 +44,7 @@ def resolve(task: str, arm: str, lr: float, seed: int, steps: int, phase: str, o
 
 #: harness monitors (``torchstep bench --monitor``): name → factory(every) and the record keys kept as metrics
 MONITORS = {"sharpness": (lambda every: SharpnessMonitor(every, preconditioned=True, trace_samples=0),
-                          ("sharpness", "ratio", "threshold", "precond_sharpness", "lr"))}
+                          ("sharpness", "ratio", "threshold", "precond_sharpness", "lr", "converged"))}
 
 
 def _check_monitor(monitor: dict, task) -> dict:
