@@ -261,3 +261,13 @@ def test_no_reshape_large_ids_and_num_groups():
     g = torch.tensor([7, 7, 2, 2])
     a = grpo_advantages(r, g, num_groups=8, check=False)
     torch.testing.assert_close(a, grpo_advantages(r, torch.tensor([1, 1, 0, 0])))
+
+
+def test_bnpo_beta_params_worked_numbers():
+    from torchstep.objectives.advantages import bnpo_beta_params
+    al, be = bnpo_beta_params(torch.tensor([1 / 3, 2 / 3, 1 / 2], dtype=D))
+    assert abs(al.item() - (1 + 6.25 / 3)) < 1e-9 and abs(be.item() - (1 + 6.25 / 3)) < 1e-9
+    # skewed: mu = 0.2 -> alpha floored at 1 only when a/3 < 0; here a, b > 0 so both > 1
+    al, be = bnpo_beta_params(torch.tensor([0.1, 0.3], dtype=D))
+    k = 0.2 * 0.8 / 0.01 - 1
+    assert abs(al.item() - (1 + k * 0.2 / 3)) < 1e-9 and abs(be.item() - (1 + k * 0.8 / 3)) < 1e-9
