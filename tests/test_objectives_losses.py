@@ -268,3 +268,43 @@ def test_surrogate_bad_input():
     with pytest.raises(ValueError):
         gtpo_conflict_token_weights(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 2), torch.zeros(2),
                                     torch.zeros(2))
+
+
+@pytest.mark.parametrize("mode", INVARIANT)
+def test_microbatch_gradient_invariance(mode):
+    """Accumulating backward() over micro-batches with the global normaliser gives the full-batch gradient."""
+    _, w, mask = _batch(3)
+    B = w.shape[0]
+    Z = _norm(mode, w, B)
+    torch.manual_seed(3)
+    logp0 = -torch.rand(B, T, dtype=torch.float64)
+    old = logp0 + 0.3 * torch.randn(B, T, dtype=torch.float64)
+    adv = torch.randn(B, dtype=torch.float64)
+    full = logp0.clone().requires_grad_()
+    aggregate(ppo_clip_loss(full, old, adv, 0.2, 0.28).loss, w, mode, Z, **_kw(mode)).backward()
+    acc = logp0.clone().requires_grad_()
+    splits = SPLITS if mode != "group-mean-token-mean" else [(0, 2), (2, 6)]
+    for a, b in splits:
+        out = ppo_clip_loss(acc[a:b], old[a:b], adv[a:b], 0.2, 0.28)
+        aggregate(out.loss, w[a:b], mode, Z, check=False, **_kw(mode, slice(a, b))).backward()
+    assert torch.allclose(acc.grad, full.grad, atol=1e-12, rtol=0)
+
+
+def test_aggregate_meta_device_no_sync():
+    """check=False with num_seqs given runs on the meta device (any host sync would raise there)."""
+    loss = torch.randn(12, device="meta")
+    w = torch.ones(12, device="meta")
+    seq = torch.zeros(12, dtype=torch.long, device="meta")
+    z = torch.tensor(4.0, device="meta")
+    for mode in INVARIANT:
+        kw = {"max_len": 3} if mode == "seq-mean-token-sum-norm" else {}
+        if mode == "group-mean-token-mean":
+            kw.update(group_ids=torch.zeros(3, dtype=torch.long, device="meta"), num_groups=1)
+        if mode not in ("token-mean", "seq-mean-token-sum-norm"):
+            kw.update(seq_ids=seq, num_seqs=3)
+        assert aggregate(loss, w, mode, z, check=False, **kw).device.type == "meta"
+    lp = torch.randn(4, 3, device="meta")
+    for out in (ppo_clip_loss(lp, lp, torch.randn(4, device="meta"), 0.2, 0.28),
+                gspo_loss(lp, lp, torch.randn(4, device="meta"), torch.ones(4, 3, device="meta")),
+                cispo_loss(lp, lp, torch.randn(4, device="meta"), 5.0)):
+        assert out.loss.device.type == "meta"

@@ -165,7 +165,7 @@ def gtpo_conflict_token_weights(token_ids: Tensor, mask: Tensor, advantages: Ten
         mask: (B, T) validity mask.
         advantages: (B,) per-completion advantages (only the sign is used).
         group_ids: (B,) prompt-group id per completion (any integers; unequal group sizes allowed).
-    Host syncs: two (group-id remap and id range); this runs once per batch, outside the loss.
+    Host syncs: a few (id checks, group-id remap, id range); this runs once per batch, outside the loss.
     The GTPO loss normalisation (divide by the number of conflict tokens) is not provided yet.
     """
     if token_ids.dim() != 2:

@@ -242,6 +242,6 @@ def cispo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, eps_max: floa
     ratio = torch.exp(logp.detach() - old_logp.detach())
     w = torch.clamp(ratio, max=float(eps_max))
     loss = -w * adv * logp
-    high = (ratio > eps_max).expand_as(logp) if ratio.shape != logp.shape else ratio > eps_max
+    high = ratio > eps_max
     out = SurrogateOutput(loss, ratio, torch.zeros_like(high), high)
     return out._replace(loss=_add_kl(out.loss, logp, ref_logp, beta))
