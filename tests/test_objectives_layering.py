@@ -1,0 +1,25 @@
+"""``torchstep.objectives`` depends on torch (and at most ``torchstep.ops`` / ``partition``); nothing imports it back."""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "torchstep"
+
+
+def _torchstep_imports(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level >= 1:
+            base = path.parent.relative_to(ROOT).parts[: len(path.parent.relative_to(ROOT).parts) - node.level + 1]
+            out.add(".".join((*base, *(node.module or "").split("."))).strip("."))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            out |= {n.split(".", 1)[1] for n in names if n.startswith("torchstep.")}
+    return out
+
+
+def test_objectives_import_only_ops_and_partition_and_optim_never_imports_them():
+    for f in (ROOT / "objectives").glob("*.py"):
+        bad = {m for m in _torchstep_imports(f) if not m.startswith(("objectives", "ops", "partition"))}
+        assert not bad, (f.name, bad)
+    for f in (ROOT / "optim").glob("*.py"):
+        assert not {m for m in _torchstep_imports(f) if m.startswith("objectives")}, f.name

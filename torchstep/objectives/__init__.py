@@ -1,0 +1,20 @@
+"""RL objectives for LLM post-training as composable stages over flat tensors with explicit ``group_ids``
+(depends on torch only; ``optim`` never imports it): reward transforms, advantage estimators, surrogates and
+an aggregation with an explicit global normaliser (no hidden division by accumulation steps).
+
+Status (issue 12, in progress): the stage functions below are built and tested against the card's property
+tests; presets, loop-level samplers / allocators, ecosystem adapters and the ``rl-arith`` benchmark are not yet.
+"""
+from .advantages import (bnpo_advantages, bnpo_beta_params, drgrpo_advantages, dynamic_sampling_keep,
+                         group_mean, grpo_advantages, reinforce_pp_baseline_advantages, rloo_advantages)
+from .aggregate import AGGREGATION_MODES, aggregate, gtpo_conflict_token_weights
+from .rewards import (ensemble_mean, ensemble_rewards, ensemble_uwo, ensemble_wco, overlong_penalty,
+                      truncation_penalty)
+from .surrogates import (SurrogateOutput, cispo_loss, gspo_loss, gspo_sequence_ratio, k3_kl, ppo_clip_loss,
+                         two_sided_clip_loss)
+
+__all__ = ["bnpo_advantages", "bnpo_beta_params", "drgrpo_advantages", "dynamic_sampling_keep", "group_mean",
+           "grpo_advantages", "reinforce_pp_baseline_advantages", "rloo_advantages", "AGGREGATION_MODES",
+           "aggregate", "gtpo_conflict_token_weights", "ensemble_mean", "ensemble_rewards", "ensemble_uwo",
+           "ensemble_wco", "overlong_penalty", "truncation_penalty", "SurrogateOutput", "cispo_loss", "gspo_loss",
+           "gspo_sequence_ratio", "k3_kl", "ppo_clip_loss", "two_sided_clip_loss"]
