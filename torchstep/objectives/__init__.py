@@ -2,12 +2,17 @@
 (depends on torch only; ``optim`` never imports it): reward transforms, advantage estimators, surrogates and
 an aggregation with an explicit global normaliser (no hidden division by accumulation steps).
 
-Status (issue 12, in progress): the stage functions below are built and tested against the card's property
-tests; presets, loop-level samplers / allocators, ecosystem adapters and the ``rl-arith`` benchmark are not yet.
+``preset(name)`` composes them into an objective ``(rewards, group_ids, logp, old_logp, mask, normalizer=…) →
+(loss, diagnostics)``; ``loop`` holds the loop-level pieces (DAPO's accumulate-until-full buffer, rollout
+allocators, prompt samplers).  Status (issue 12, in progress): ecosystem adapters (verl / TRL parity) and the
+``rl-arith`` benchmark are not built yet; see docs/rl-objectives.md.
 """
 from .advantages import (bnpo_advantages, bnpo_beta_params, drgrpo_advantages, dynamic_sampling_keep,
                          group_mean, grpo_advantages, reinforce_pp_baseline_advantages, rloo_advantages)
 from .aggregate import AGGREGATION_MODES, aggregate, gtpo_conflict_token_weights
+from .loop import (CurESPromptSampler, DynamicSamplingBuffer, VADEThompsonSampler, cures_allocate, cures_prompt_probs,
+                   cures_sigma, gvm_allocate, knapsack_allocate, knapsack_value, proportional_allocate, sample_beta)
+from .presets import PRESETS, Objective, global_normalizer, preset
 from .rewards import (ensemble_mean, ensemble_rewards, ensemble_uwo, ensemble_wco, overlong_penalty,
                       truncation_penalty)
 from .surrogates import (SurrogateOutput, cispo_loss, gspo_loss, gspo_sequence_ratio, k3_kl, ppo_clip_loss,
@@ -17,4 +22,7 @@ __all__ = ["bnpo_advantages", "bnpo_beta_params", "drgrpo_advantages", "dynamic_
            "grpo_advantages", "reinforce_pp_baseline_advantages", "rloo_advantages", "AGGREGATION_MODES",
            "aggregate", "gtpo_conflict_token_weights", "ensemble_mean", "ensemble_rewards", "ensemble_uwo",
            "ensemble_wco", "overlong_penalty", "truncation_penalty", "SurrogateOutput", "cispo_loss", "gspo_loss",
-           "gspo_sequence_ratio", "k3_kl", "ppo_clip_loss", "two_sided_clip_loss"]
+           "gspo_sequence_ratio", "k3_kl", "ppo_clip_loss", "two_sided_clip_loss", "CurESPromptSampler",
+           "DynamicSamplingBuffer", "VADEThompsonSampler", "cures_allocate", "cures_prompt_probs", "cures_sigma",
+           "gvm_allocate", "knapsack_allocate", "knapsack_value", "proportional_allocate", "sample_beta",
+           "PRESETS", "Objective", "global_normalizer", "preset"]
