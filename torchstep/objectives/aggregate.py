@@ -16,6 +16,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ._checks import check_token_pair
+
 __all__ = ["AGGREGATION_MODES", "aggregate", "gtpo_conflict_token_weights"]
 
 #: mode -> what ``normalizer`` counts (global over the optimisation batch)
@@ -78,14 +80,7 @@ def aggregate(loss: Tensor, weights: Tensor, mode: str, normalizer: Optional[Uni
     """
     if mode not in AGGREGATION_MODES:
         raise ValueError(f"unknown aggregation mode {mode!r}; expected one of {sorted(AGGREGATION_MODES)}")
-    if not isinstance(loss, Tensor) or not isinstance(weights, Tensor):
-        raise ValueError("loss and weights must be tensors")
-    if loss.shape != weights.shape:
-        raise ValueError(f"loss shape {tuple(loss.shape)} != weights shape {tuple(weights.shape)}")
-    if loss.dim() not in (1, 2):
-        raise ValueError(f"loss must be (N,) or (B, T), got {loss.dim()}-D")
-    if loss.numel() == 0:
-        raise ValueError("empty loss / mask")
+    check_token_pair(loss, weights, "loss", "weights")
     if max_len is not None and mode != "seq-mean-token-sum-norm":
         raise ValueError("max_len is only used by mode 'seq-mean-token-sum-norm'")
     if max_len is not None and (not isinstance(max_len, int) or max_len <= 0):

@@ -22,6 +22,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ._checks import check_token_pair
+
 __all__ = [
     "SurrogateOutput",
     "ppo_clip_loss",
@@ -68,14 +70,7 @@ def _broadcast_adv(advantages: Tensor, logp: Tensor) -> Tensor:
 
 
 def _check_pair(logp: Tensor, old_logp: Tensor, name: str = "old_logp") -> None:
-    if not isinstance(logp, Tensor) or not isinstance(old_logp, Tensor):
-        raise ValueError("logp and old_logp must be tensors")
-    if logp.shape != old_logp.shape:
-        raise ValueError(f"logp shape {tuple(logp.shape)} != {name} shape {tuple(old_logp.shape)}")
-    if logp.dim() not in (1, 2):
-        raise ValueError(f"logp must be (N,) flat tokens or (B, T) padded, got {logp.dim()}-D")
-    if logp.numel() == 0:
-        raise ValueError("logp is empty")
+    check_token_pair(logp, old_logp, "logp", name)
 
 
 def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
