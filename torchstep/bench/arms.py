@@ -26,6 +26,7 @@ from .. import schedules
 from ..ops.curves import warmup_cosine
 from ..optim import AdamW, Muon, MuonPP, Spectra
 from ..partition import MATRIX, param_groups, tensor_label
+from ..scaling.mup import hidden_lr_factor
 from ..registry import SPECS
 from .tasks import Problem
 
@@ -160,12 +161,8 @@ def mup_lr_factor(arm: str, m: float) -> float:
     rule = MUP_RULES.get(arm)
     if rule is None:
         raise ValueError(f"no μP rule for arm {arm!r}; valid: {', '.join(MUP_RULES)}")
-    if rule == "adam":
-        return 1 / m
-    if rule == "sgd":
-        return 1.0
     kwargs = ARMS[arm].kwargs
-    return m ** -0.5 if "match_rms_adamw" in (kwargs.get("adjust_lr"), kwargs.get("adjust_lr_fn")) else 1.0
+    return hidden_lr_factor(rule, m, 1.0, kwargs.get("adjust_lr", kwargs.get("adjust_lr_fn", "original")))
 
 
 def applicable(arm: Arm, task) -> bool:

@@ -231,19 +231,27 @@ def mu_shapes(model: nn.Module) -> dict[str, MuShape]:
     return shapes
 
 
+def hidden_lr_factor(rule: str, width_mult: float, fanin_fanout_ratio: float = 1.0,
+                     adjust_lr: str = "original") -> float:
+    """μP's lr factor for a hidden tensor (two width dims) under ``rule`` — the table in the module docstring:
+    ``adam`` 1/m, ``sgd`` 1/(m_in/m_out), ``muon`` m^-½ for ``match_rms_adamw`` and 1 for the other scales."""
+    if rule == "adam":
+        return 1.0 / width_mult
+    if rule == "sgd":
+        return 1.0 / fanin_fanout_ratio
+    return width_mult ** -0.5 if adjust_lr == "match_rms_adamw" else 1.0
+
+
 def _mults(rule: str, s: MuShape, decoupled_wd: bool, adjust_lr: str) -> tuple[float, float]:
     """(lr factor, weight-decay factor) of one tensor under ``rule``."""
-    if rule == "adam":
-        m = s.width_mult if s.hidden else 1.0
-        return 1.0 / m, 1.0 if decoupled_wd else m
+    if s.hidden:
+        lr = hidden_lr_factor(rule, s.width_mult, s.fanin_fanout_ratio, adjust_lr)
+        wd = {"adam": 1.0 if decoupled_wd else s.width_mult, "sgd": s.fanin_fanout_ratio}.get(rule, 1.0)
+        return lr, wd
     if rule == "sgd":
-        if s.hidden:
-            r = s.fanin_fanout_ratio
-            return 1.0 / r, r
         m = s.width_mult if s.ninf == 1 else 1.0
         return m, 1.0 / m
-    m = s.width_mult if s.hidden and adjust_lr == "match_rms_adamw" else 1.0
-    return m ** -0.5, 1.0
+    return 1.0, 1.0
 
 
 def mup_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, rule: str = "adam",
@@ -423,5 +431,5 @@ def plot_coord_check(records: list[CoordRecord], path, title: str = "coordinate 
 
 
 __all__ = ["MuShape", "infinite_shapes", "MuReadout", "attention_scale", "make_mup", "mu_shapes",
-           "mup_param_groups", "dit_roles", "CoordRecord", "coord_check", "coord_summary", "plot_coord_check",
+           "mup_param_groups", "hidden_lr_factor", "dit_roles", "CoordRecord", "coord_check", "coord_summary", "plot_coord_check",
            "mlp_coord_check", "MUP_RULES"]
