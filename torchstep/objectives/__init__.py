@@ -4,12 +4,19 @@ an aggregation with an explicit global normaliser (no hidden division by accumul
 
 ``preset(name)`` composes them into an objective ``(rewards, group_ids, logp, old_logp, mask, normalizer=…) →
 (loss, diagnostics)``; ``loop`` holds the loop-level pieces (DAPO's accumulate-until-full buffer, rollout
-allocators, prompt samplers).  Status (issue 12, in progress): ecosystem adapters (verl / TRL parity) and the
-``rl-arith`` benchmark are not built yet; see docs/rl-objectives.md.
+allocators, prompt samplers).  Method modules: ``gtpo`` (GTPO conflict tokens, entropy filter/shaping and
+its conflict-normalised loss, checked against the author code), ``ace`` (ACE confidence-shift advantages,
+unverified details marked), ``copo`` (COPO, reconstructed).  DaGRPO and CAPO are left out (reasons in
+``presets``).  Status (issue 12, in progress): ecosystem adapters (verl / TRL parity) and the ``rl-arith``
+benchmark are not built yet; see docs/rl-objectives.md.
 """
 from .advantages import (bnpo_advantages, bnpo_beta_params, drgrpo_advantages, dynamic_sampling_keep,
                          group_mean, grpo_advantages, reinforce_pp_baseline_advantages, rloo_advantages)
+from .ace import ace_advantages, ace_confidence_shift
 from .aggregate import AGGREGATION_MODES, aggregate, gtpo_conflict_token_weights
+from .copo import copo_entropy_gate, copo_global_advantages, copo_loss
+from .gtpo import (gtpo_aggregate, gtpo_conflict_tokens, gtpo_entropy_advantages, gtpo_entropy_filter,
+                   gtpo_entropy_shaping, gtpo_num_conflict_tokens, gtpo_sequence_entropy, gtpo_surrogate)
 from .loop import (CurESPromptSampler, DynamicSamplingBuffer, VADEThompsonSampler, cures_allocate, cures_prompt_probs,
                    cures_sigma, gvm_allocate, knapsack_allocate, knapsack_value, proportional_allocate, sample_beta)
 from .presets import PRESETS, Objective, global_normalizer, preset
@@ -25,4 +32,7 @@ __all__ = ["bnpo_advantages", "bnpo_beta_params", "drgrpo_advantages", "dynamic_
            "gspo_sequence_ratio", "k3_kl", "ppo_clip_loss", "two_sided_clip_loss", "CurESPromptSampler",
            "DynamicSamplingBuffer", "VADEThompsonSampler", "cures_allocate", "cures_prompt_probs", "cures_sigma",
            "gvm_allocate", "knapsack_allocate", "knapsack_value", "proportional_allocate", "sample_beta",
-           "PRESETS", "Objective", "global_normalizer", "preset"]
+           "PRESETS", "Objective", "global_normalizer", "preset", "ace_advantages", "ace_confidence_shift",
+           "copo_entropy_gate", "copo_global_advantages", "copo_loss", "gtpo_aggregate", "gtpo_conflict_tokens",
+           "gtpo_entropy_advantages", "gtpo_entropy_filter", "gtpo_entropy_shaping", "gtpo_num_conflict_tokens",
+           "gtpo_sequence_entropy", "gtpo_surrogate"]

@@ -323,7 +323,7 @@ def bnpo_advantages(
     num_groups: Optional[int] = None,
     check: bool = True,
 ) -> torch.Tensor:
-    """BNPO, Beta-normalised policy optimisation (Xiao et al. 2025, arXiv 2506.02864 -- id not in the card, from memory; author repo
+    """BNPO, Beta-normalised policy optimisation (Xiao et al. 2025, arXiv 2506.02864, id checked; author repo
     changyi7231/BNPO). **[code]** per the card.
 
     Formula (card §3 BNPO)::

@@ -1,7 +1,8 @@
 """Stages 2 and 4 of ``torchstep.objectives``: token weights and loss aggregation.
 
 Reference card: ``rl_objectives.md`` §2 (aggregation modes), §3 (GTPO conflict tokens), §4 (the
-normaliser / gradient-accumulation pitfall).  torch only; no host syncs in :func:`aggregate` when
+normaliser / gradient-accumulation pitfall).  The GTPO token weights and GTPO's own conflict-normalised
+reduction live in :mod:`torchstep.objectives.gtpo` (``gtpo_conflict_token_weights`` is re-exported here).  torch only; no host syncs in :func:`aggregate` when
 ``check=False`` and ``num_seqs``/``num_groups`` are given.
 
 Contract (card §2/§4): ``normalizer`` is the **global** count of the optimisation batch (tokens, sequences,
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_token_pair
+from .gtpo import gtpo_conflict_token_weights  # stage 2 (GTPO); defined in gtpo.py, re-exported here
 
 __all__ = ["AGGREGATION_MODES", "aggregate", "gtpo_conflict_token_weights"]
 
@@ -141,55 +143,3 @@ def aggregate(loss: Tensor, weights: Tensor, mode: str, normalizer: Optional[Uni
     g_num = torch.zeros(G, dtype=loss.dtype, device=loss.device).index_add(0, gid, seq_num)
     g_den = torch.zeros(G, dtype=loss.dtype, device=loss.device).index_add(0, gid, seq_den)
     return (g_num / g_den.clamp(min=torch.finfo(w.dtype).tiny)).sum() / normalizer
-
-
-def gtpo_conflict_token_weights(token_ids: Tensor, mask: Tensor, advantages: Tensor, group_ids: Tensor, *,
-                                pos_weight: float = 2.0, neg_weight: float = 0.0) -> Tensor:
-    """GTPO conflict-token weights λ_{i,t}·m_{i,t} (Simoni et al. 2025, arXiv 2508.03772) [code per card].
-
-    A token (i, t) is a *conflict token* when the same token id sits at the same position t in at least one
-    positive-advantage and at least one negative-advantage completion of the same group (i's own sign and
-    an opposite-sign completion; both tokens valid).  Only the **leading run** counts: the conflict
-    positions t = 0, 1, ... up to the first non-conflict position of completion i (the card's rule; the
-    author code also counts the trailing run — not implemented).  λ = ``pos_weight`` (2.0) on leading-run
-    conflict tokens of A > 0 completions, ``neg_weight`` (0.0) on those of A < 0 completions, 1 elsewhere
-    (A = 0 completions are never conflict tokens).  Returns λ·mask as float, shape (B, T).
-
-    Args:
-        token_ids: (B, T) integer ids (padded; positions must be aligned from the completion start).
-        mask: (B, T) validity mask.
-        advantages: (B,) per-completion advantages (only the sign is used).
-        group_ids: (B,) prompt-group id per completion (any integers; unequal group sizes allowed).
-    Host syncs: a few (id checks, group-id remap, id range); this runs once per batch, outside the loss.
-    The GTPO loss normalisation (divide by the number of conflict tokens) is not provided yet.
-    """
-    if token_ids.dim() != 2:
-        raise ValueError(f"token_ids must be (B, T), got {tuple(token_ids.shape)}")
-    if mask.shape != token_ids.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} != token_ids shape {tuple(token_ids.shape)}")
-    B, T = token_ids.shape
-    if B == 0 or T == 0:
-        raise ValueError("empty token_ids")
-    if advantages.shape != (B,) or group_ids.shape != (B,):
-        raise ValueError(f"advantages and group_ids must be ({B},), got {tuple(advantages.shape)}, "
-                         f"{tuple(group_ids.shape)}")
-    ids = token_ids.long()
-    if bool((ids < 0).any()):
-        raise ValueError("token ids must be >= 0")
-    valid = mask.bool()
-    _, gid = torch.unique(group_ids, return_inverse=True)
-    V = int(ids.max()) + 1
-    if (int(gid.max()) + 1) * T * V >= 2 ** 62:
-        raise ValueError("group count × length × vocab too large for int64 keys")
-    pos_t = torch.arange(T, device=ids.device)
-    keys = (gid.unsqueeze(1) * T + pos_t) * V + ids
-    pos = (advantages > 0).unsqueeze(1) & valid
-    neg = (advantages < 0).unsqueeze(1) & valid
-    pos_keys = torch.where(pos, keys, torch.full_like(keys, -1))
-    neg_keys = torch.where(neg, keys, torch.full_like(keys, -2))
-    conflict = (pos & torch.isin(keys, neg_keys)) | (neg & torch.isin(keys, pos_keys))
-    leading = torch.cumprod(conflict.to(torch.int64), dim=1).bool()
-    lam = torch.ones(B, T, dtype=torch.float32, device=ids.device)
-    lam = torch.where(leading & pos, torch.full_like(lam, pos_weight), lam)
-    lam = torch.where(leading & neg, torch.full_like(lam, neg_weight), lam)
-    return lam * valid.to(lam.dtype)
