@@ -373,3 +373,20 @@ def test_trl_normalizer_values_and_rejections():
     for bad in (dict(loss_type="sapo"), dict(loss_type="luspo"), dict(loss_type="dapo", importance_sampling_level="sequence")):
         with pytest.raises(ValueError):
             trl_objective(**bad)
+
+
+def test_docs_grpotrainer_subclass_example_matches_trl():
+    """The ``GRPOTrainer`` subclass printed in docs/rl-objectives.md reproduces TRL's ``_compute_loss``."""
+    import pathlib
+    import re
+    src = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "rl-objectives.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", src, re.S) if "class TorchstepGRPOTrainer" in b]
+    ns: dict = {}
+    exec(block, ns)
+    for case in (dict(loss_type="dr_grpo", accum=3), dict(loss_type="dapo", epsilon_high=0.28, accum=2, spg=4)):
+        logp0, inputs = _trl_inputs(seed=13)
+        x = logp0.clone().requires_grad_(True)
+        fake = _trl_fake(case["loss_type"], x, **{k: v for k, v in case.items() if k != "loss_type"})
+        l_trl = GRPOTrainer._compute_loss(fake, None, inputs)
+        l_doc = ns["TorchstepGRPOTrainer"]._compute_loss(fake, None, inputs)
+        assert abs(float((l_trl - l_doc).detach())) <= TOL and abs(float(l_trl.detach())) > 1e-4
