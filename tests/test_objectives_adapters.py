@@ -390,3 +390,15 @@ def test_docs_grpotrainer_subclass_example_matches_trl():
         l_trl = GRPOTrainer._compute_loss(fake, None, inputs)
         l_doc = ns["TorchstepGRPOTrainer"]._compute_loss(fake, None, inputs)
         assert abs(float((l_trl - l_doc).detach())) <= TOL and abs(float(l_trl.detach())) > 1e-4
+
+
+def test_bnpo_estimator_through_verl_registry_equals_torchstep():
+    """verl has no BNPO; the registered estimator must equal torchstep's, broadcast and masked."""
+    from torchstep.objectives import bnpo_advantages
+    tlr, mask, uids, _, lens = _verl_batch(seed=14)
+    r = (torch.rand(len(uids), generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    tlr = torch.zeros_like(mask)
+    tlr[torch.arange(len(uids)), lens - 1] = r
+    adv, ret = ca.get_adv_estimator_fn("torchstep_bnpo")(tlr, mask, index=uids)
+    ref = bnpo_advantages(r, index_to_group_ids(uids)).unsqueeze(-1) * mask
+    assert (adv - ref).abs().max() <= TOL and torch.equal(adv, ret) and ref.abs().max() > 0.1
