@@ -87,7 +87,9 @@ Left out (deliberately):
 
 Overrides: any stage argument listed in ``Objective.stage_args`` (e.g. ``std_eps``, ``scale``, ``eps_low``,
 ``eps_high``, ``eps_max``, ``kl_beta``, ``aggregation``, ``max_len``, ``token_mean_scope``, ``alpha``/``beta``
-(BNPO Beta parameters), ``reward_range``, ``eps`` (REINFORCE++ whitening), ``overlong_max_length``, ...).
+(BNPO Beta parameters), ``reward_range``, ``eps`` (REINFORCE++ whitening), ``overlong_max_length``, ...;
+``gtpo``: ``tau``, ``gamma``, ``pos_weight``, ``neg_weight``, ``trailing``, ``gtpo_ratio``; ``ace``:
+``ace_alpha``, ``ace_correct_threshold``; ``copo``: ``copo_std_eps``, ``copo_reward_range``).
 Unknown preset names or override keys raise ``ValueError`` listing the valid ones.
 TRL/verl numerical parity of these presets is **not yet tested**.
 """
