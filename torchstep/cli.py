@@ -69,7 +69,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if unprobed:
         fail(f"--monitor needs a task with a probe batch; {', '.join(unprobed)} has none (valid: {', '.join(PROBED)})")
     suite = replace(suite, tasks=tuple(args.tasks or suite.tasks), arms=tuple(args.optimizers or suite.arms),
-                    seeds=args.seeds or suite.seeds, options=options, steps=steps, schedule=args.schedule,
+                    seeds=args.seeds or suite.seeds, options=options, steps=steps,
+                    schedule=args.schedule or suite.schedule,
                     monitor={"name": args.monitor, "every": args.monitor_every} if args.monitor else None)
     out = Path(args.out or f"bench-out/{args.suite}")
     try:
@@ -288,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--markdown", action="store_true", help="print a markdown table (as in README.md)")
     listing.set_defaults(func=cmd_list)
     bench = sub.add_parser("bench", help="optimizer comparison sweep + report (`bench speed`: step-time table)")
-    bench.add_argument("--suite", choices=["smoke", "default", "full"], default="default")
+    bench.add_argument("--suite", choices=["smoke", "default", "rl", "full"], default="default",
+                       help="smoke | default (six cheap tasks) | rl (the RL objectives on rl-arith) | full")
     bench.add_argument("--tasks", nargs="+", default=None, metavar="TASK")
     bench.add_argument("--optimizers", nargs="+", default=None, metavar="OPTIMIZER")
     bench.add_argument("--seeds", type=int, default=None, help="paired seeds per arm (>= 3 for a verdict)")
@@ -298,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="task options, e.g. gpt-bytes.norm=peri gpt-bytes.width=64 gpt-bytes.qk_norm=true")
     bench.add_argument("--steps", nargs="+", metavar="TASK=N", help="budget per task (its own schedule)")
     bench.add_argument("--schedule", choices=["cosine", "wsd", "linear", "power", "refined", "none"],
-                       default="cosine", help="lr schedule of every arm (default cosine; refined: two passes per "
-                       "trial; Schedule-Free arms always run without one)")
+                       default=None, help="lr schedule of every arm (default: the suite's — cosine, none for rl; "
+                       "refined: two passes per trial; Schedule-Free arms always run without one)")
     bench.add_argument("--monitor", choices=["sharpness"], default=None,
                        help="record a diagnostic during every trial (sharpness: λ_max and the rule's stability "
                             "threshold; the report adds the edge-of-stability figure)")

@@ -25,7 +25,8 @@ def status_from_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[s
     out = {}
     for key, points in grid.items():
         best = best_lr(points)
-        out[key] = {"best": best, "edge": best is not None and best in (min(points), max(points))}
+        out[key] = {"best": best,   # a one-point grid is a fixed lr: no edge
+                    "edge": len(points) > 1 and best is not None and best in (min(points), max(points))}
     return out
 
 

@@ -43,6 +43,9 @@ class Arm:
     accepts: Callable[[Tensor], bool] | None = None  # tensors the rule takes; the rest go to the shared fallback
     hessian: str | None = None                       # "gnb" | "hutchinson": periodic Sophia refresh
     peer: tuple[str, dict[str, Any]] | None = None   # same method in pip pytorch-optimizer (speed benchmark)
+    #: RL arms: ``{"preset": name, "overrides": {...}, "dynamic_sampling": bool}`` (torchstep.objectives) — the
+    #: arm is the objective, ``build`` its fixed optimizer; they run on ``kind == "rl"`` tasks only
+    objective: dict[str, Any] | None = None
 
     @property
     def matrix_only(self) -> bool:
@@ -97,6 +100,19 @@ def _ours(name: str) -> Arm:
     return Arm(name, spec.cls, lr, kwargs, accepts=_is_matrix if spec.hybrid else None, hessian=hessian, peer=peer)
 
 
+def _rl(name: str, preset: str, dynamic_sampling: bool = False, **overrides: Any) -> Arm:
+    """An RL arm: the objective preset on torch AdamW at the card's lr 3e-4 (no weight decay)."""
+    return Arm(name, torch.optim.AdamW, 3e-4, {"weight_decay": 0.0},
+               objective={"preset": preset, "overrides": overrides, "dynamic_sampling": dynamic_sampling})
+
+
+#: the RL objective arms (``rl-arith``; card ``rl_objectives.md`` §5): one per preset.  DAPO and DLER add the
+#: dynamic-sampling filter (no over-generation); CISPO's eps_max has no card default — 2.0 here (on-policy ratios
+#: are 1, so it never binds on rl-arith); ACE (α = 1) and COPO are marked unverified / reconstructed in their presets
+RL_ARMS = (_rl("grpo", "grpo"), _rl("dr_grpo", "dr_grpo"), _rl("dapo", "dapo", True), _rl("dler", "dler", True),
+           _rl("rloo", "rloo"), _rl("reinforce_pp", "reinforce_pp"), _rl("bnpo", "bnpo"), _rl("gspo", "gspo"),
+           _rl("cispo", "cispo", eps_max=2.0), _rl("gtpo", "gtpo"), _rl("ace", "ace"), _rl("copo", "copo"))
+
 ARMS: dict[str, Arm] = {a.name: a for a in [
     _ours("adamw"),
     Arm("sgd", torch.optim.SGD, 3e-2, {"momentum": 0.9}),
@@ -111,6 +127,7 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
     # the SPECTRA wrapper over torch AdamW (c = 5: the paper's 160M recipe; matrices only)
     Arm("spectra-adamw", lambda g, lr, c: Spectra(torch.optim.AdamW(g, lr=lr, weight_decay=0.0), c=c), 3e-3,
         {"c": 5.0}),
+    *RL_ARMS,
 ]}
 
 #: arms of the memory comparison (docs/low-rank.md): in the ``full`` suite and ``bench memory``, not in
@@ -166,7 +183,8 @@ def mup_lr_factor(arm: str, m: float) -> float:
 
 
 def applicable(arm: Arm, task) -> bool:
-    return task.matrices or not arm.matrix_only
+    """Objective arms run on RL tasks only, optimizer arms on the rest; matrix-only rules need 2-D weights."""
+    return (arm.objective is not None) == (task.kind == "rl") and (task.matrices or not arm.matrix_only)
 
 
 #: the harness' schedules (``--schedule``): name → (description recorded in each trial, multiplier(step, total,

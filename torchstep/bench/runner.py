@@ -17,7 +17,7 @@ import torch
 from .. import __version__
 from ..diagnostics.stability import SharpnessMonitor
 from ..schedules.refined import GradNormRecorder, refined_schedule
-from .arms import ARMS, SCHEDULES, SGD_TYPE, ArmOptimizer, schedule_for
+from .arms import ARMS, SCHEDULES, SGD_TYPE, ArmOptimizer, applicable, schedule_for
 from .store import trial_id, write_trial
 from .tasks import PROBED, TASKS
 
@@ -30,6 +30,9 @@ def resolve(task: str, arm: str, lr: float, seed: int, steps: int, phase: str, o
     """The full configuration a trial is hashed from (``monitor``: ``{"name": …, "every": k}`` or None; only
     present when set, so unmonitored trials keep their ids)."""
     t, a = TASKS[task], ARMS[arm]
+    if not applicable(a, t):
+        raise ValueError(f"arm {arm!r} does not apply to task {task!r} (objective arms run on RL tasks, optimizer "
+                         "arms on the rest; matrix-only rules need 2-D weights)")
     valid = t.valid_options
     unknown = set(options or {}) - set(valid)
     if unknown:
@@ -39,6 +42,7 @@ def resolve(task: str, arm: str, lr: float, seed: int, steps: int, phase: str, o
             "arm_kwargs": a.kwargs,
             "lr": lr, "seed": seed, "steps": steps, "phase": phase, "evals": evals,
             "schedule": SCHEDULES[schedule_for(arm, schedule)][0], "weight_decay": 0.0,
+            **({"objective": a.objective} if a.objective else {}),
             **({"monitor": _check_monitor(monitor, t)} if monitor else {})}
 
 
@@ -118,12 +122,20 @@ def _train(problem, opt: ArmOptimizer, steps: int, evals: int, recorder: GradNor
             "cpu_s": cpu, "wall_s": wall, "state_bytes": opt.state_bytes()}
 
 
+def _problem(config: dict, task, arm):
+    """The trial's problem from its seed and options, with the arm's objective attached on RL tasks."""
+    torch.manual_seed(config["seed"])
+    problem = task.problem(config["seed"], **config["task_options"])
+    if arm.objective is not None:
+        problem.set_objective(arm.objective)
+    return problem
+
+
 def _refined_pass(config: dict, task, arm) -> dict:
     """``--schedule refined``, pass 1: a linear-decay run at the same lr, seed and data that records the gradient
     norm of every step (ℓ1 — the paper's choice for Adam-type rules — or ℓ2 for SGD-type arms).  Returns its
     ``_train`` result plus ``curve_fn``, pass 2's schedule (the refined one), or None if pass 1 diverged."""
-    torch.manual_seed(config["seed"])
-    problem = task.problem(config["seed"], **config["task_options"])
+    problem = _problem(config, task, arm)
     norm = "l2" if arm.name in SGD_TYPE else "l1"
     recorder = GradNormRecorder(problem.model, norm=norm)
     first = _train(problem, ArmOptimizer(arm, problem, config["lr"], config["steps"], schedule="linear"),
@@ -141,8 +153,7 @@ def run_trial(config: dict[str, Any], db_path: str | None = None) -> dict[str, A
     steps = config["steps"]
     name = next(k for k, (description, _) in SCHEDULES.items() if description == config["schedule"])
     first = _refined_pass(config, task, arm) if name == "refined" else None
-    torch.manual_seed(config["seed"])
-    problem = task.problem(config["seed"], **config["task_options"])
+    problem = _problem(config, task, arm)
     if first is not None and first["curve_fn"] is None:        # pass 1 diverged: nothing to refine
         result = {**first, "curve": [(0, "val", first["init_val"], 0.0, 0.0)], "cpu_s": 0.0, "wall_s": 0.0,
                   "opt_cpu": 0.0}                                   # pass 1's time is added below, once

@@ -25,7 +25,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable
 
-from .arms import ARMS, MEMORY_ARMS, applicable, extend, lr_grid
+from .arms import ARMS, MEMORY_ARMS, RL_ARMS, applicable, extend, lr_grid
 from .runner import resolve, run_trial
 from .stats import best_lr
 from .store import connect, trial_id, trials
@@ -69,7 +69,8 @@ def plan(suite: Suite, done: dict[str, dict]) -> tuple[list[dict], dict[tuple[st
                     status[(task, arm)] = {"grid": grid, "best": None, "edge": False}
                     break
                 best = best_lr({lr: done[trial_id(c)] for lr, c in configs.items()})
-                on_edge = best is not None and best in (grid[0], grid[-1])
+                # a one-point grid is a fixed lr (the ``rl`` suite: the card's lr), never extended
+                on_edge = len(grid) > 1 and best is not None and best in (grid[0], grid[-1])
                 if on_edge and extensions < MAX_EXTENSIONS:
                     grid, extensions = extend(grid, best, ARMS[arm].default_lr), extensions + 1
                     continue
@@ -194,7 +195,8 @@ def sweep(suite: Suite | list[Suite], out: str | Path, workers: int | None = Non
 
 
 ALL_ARMS = tuple(ARMS)
-DEFAULT_ARMS = tuple(a for a in ARMS if a not in MEMORY_ARMS)
+DEFAULT_ARMS = tuple(a for a in ARMS if a not in MEMORY_ARMS and ARMS[a].objective is None)
+RL_ARM_NAMES = tuple(a.name for a in RL_ARMS)
 SUITES: dict[str, Suite] = {
     # CI-sized: two known-optimum tasks, short budgets, three arms
     "smoke": Suite(("quadratic", "logreg"), ("adamw", "sgd", "lion"), seeds=3,
@@ -202,5 +204,9 @@ SUITES: dict[str, Suite] = {
     # `torchstep bench`: every arm but the memory comparison's on the six cheap tasks
     "default": Suite(("quadratic", "logreg", "rosenbrock", "matrix-sensing", "digits-mlp", "mnist1d"), DEFAULT_ARMS,
                      seeds=3, steps={"mnist1d": 1000}),
+    # `torchstep bench --suite rl`: every objective preset on rl-arith at the card's protocol (AdamW lr 3e-4
+    # constant, 500 steps, 3 paired seeds; no lr search)
+    "rl": Suite(("rl-arith",), RL_ARM_NAMES, seeds=3, grid_points=1, schedule="none"),
+    # every task × every applicable arm (rl-arith: the objective arms, with the lr search)
     "full": Suite(tuple(TASKS), ALL_ARMS, seeds=5),
 }

@@ -43,6 +43,8 @@ class Problem:
     loss_fn: Callable | None = None
     #: classification tasks: ``(train inputs, train targets, val inputs, val targets)`` (``torchstep diagnose``)
     data: tuple | None = None
+    #: RL tasks (``Task.kind == "rl"``): receives the arm's objective spec (``Arm.objective``) before training
+    set_objective: Callable[[dict], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class Task:
     matrices: bool = True        # has 2-D weights (matrix-only methods such as Muon apply)
     #: valid options left out of a trial's configuration at their default (added later: old trial ids stay)
     extra_options: dict = field(default_factory=dict)
+    #: "supervised": optimizer arms; "rl": objective arms (``Arm.objective``: an RL preset with a fixed optimizer)
+    kind: str = "supervised"
 
     @property
     def valid_options(self) -> dict:
@@ -279,6 +283,13 @@ def gpt_bytes(seed: int, o: dict) -> Problem:
                    loss_fn=lambda logits, y: F.cross_entropy(logits.flatten(0, 1), y.flatten()))
 
 
+# ----------------------------------------------------------------------------- RL post-training
+def rl_arith(seed: int, o: dict) -> Problem:
+    from .rl_arith import ArithRL       # imports torchstep.objectives only when the RL task is built
+    rl = ArithRL(seed, o)
+    return Problem(rl.model, rl.train_loss, rl.evaluate, routed=False, set_objective=rl.set_objective)
+
+
 #: tasks whose Problem has a probe batch and loss_fn (monitors, ``torchstep diagnose``)
 PROBED = ("digits-mlp", "mnist1d", "gpt-bytes")
 
@@ -300,4 +311,8 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          "frozen stdlib snapshot; val = nats/byte on 8 fixed held-out batches", False,
          dict(context=128, width=128, depth=4, heads=4, norm="pre", qk_norm=False, z_loss=0.0, batch=32,
               val_batches=8), extra_options=dict(mup_base_width=0, tied_fallback=False)),
+    Task("rl-arith", rl_arith, 500, "RL on 2-digit addition: 2-layer 101k-parameter GPT, SFT warm start, 16 prompts × "
+         "8 rollouts per step, exact-match reward; val = 1 − greedy accuracy on 512 held-out problems", False,
+         dict(prompts=16, group=8, pool=1000, held_out=512, sft_problems=2000, sft_target=0.25, sft_max_steps=3000,
+              temperature=1.0), kind="rl"),
 ]}
