@@ -7,8 +7,9 @@ an aggregation with an explicit global normaliser (no hidden division by accumul
 allocators, prompt samplers).  Method modules: ``gtpo`` (GTPO conflict tokens, entropy filter/shaping and
 its conflict-normalised loss, checked against the author code), ``ace`` (ACE confidence-shift advantages,
 unverified details marked), ``copo`` (COPO, reconstructed).  DaGRPO and CAPO are left out (reasons in
-``presets``).  Status (issue 12, in progress): ecosystem adapters (verl / TRL parity) and the ``rl-arith``
-benchmark are not built yet; see docs/rl-objectives.md.
+``presets``).  Ecosystem adapters live outside (``torchstep.integrations.verl`` / ``.trl``, parity-tested against
+verl's ``core_algos`` and TRL's ``GRPOTrainer._compute_loss``); the ``rl-arith`` harness task trains every preset
+(``torchstep bench --suite rl``).  See docs/rl-objectives.md.
 """
 from .advantages import (bnpo_advantages, bnpo_beta_params, drgrpo_advantages, dynamic_sampling_keep,
                          group_mean, grpo_advantages, reinforce_pp_baseline_advantages, rloo_advantages)

@@ -91,7 +91,8 @@ Overrides: any stage argument listed in ``Objective.stage_args`` (e.g. ``std_eps
 ``gtpo``: ``tau``, ``gamma``, ``pos_weight``, ``neg_weight``, ``trailing``, ``gtpo_ratio``; ``ace``:
 ``ace_alpha``, ``ace_correct_threshold``; ``copo``: ``copo_std_eps``, ``copo_reward_range``).
 Unknown preset names or override keys raise ``ValueError`` listing the valid ones.
-TRL/verl numerical parity of these presets is **not yet tested**.
+TRL / verl numerical parity: ``tests/test_objectives_adapters.py`` (through ``torchstep.integrations.trl`` /
+``.verl``; docs/rl-objectives.md lists what matches and the deviations).
 """
 from __future__ import annotations
 

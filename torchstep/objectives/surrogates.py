@@ -206,7 +206,7 @@ def gspo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
 
     ℓ_{i,t} = −min(s_i A_i, clip(s_i, 1 − ε_low, 1 + ε_high) A_i),  s_i = exp((1/|o_i|) Σ_t m (logp − old)).
     Card §2 gives the ratio replacement only ([code] per card); the defaults ε_low = 3e-4, ε_high = 4e-4 are
-    the paper's as recalled — **not in the card, unverified**.  Aggregate with ``seq-mean-token-mean`` for
+    the paper's (not in the card; confirmed only through a secondary source quoting the paper's Eq. 5 setting).  Aggregate with ``seq-mean-token-mean`` for
     the paper's sequence objective.  The clip indicators are per sequence (constant along a row).
 
     Args: as :func:`ppo_clip_loss`, plus ``mask`` and (flat layout) ``seq_ids``/``num_seqs``; advantages
