@@ -192,7 +192,8 @@ def test_mgpo_worked_numbers():
 
 
 def test_mgpo_profiles_are_the_official_defaults():
-    assert PROFILES == {"nlu": {"rho": 0.05, "beta": 0.9}, "nlg": {"rho": 0.01, "beta": 0.8}}
+    assert PROFILES == {"nlu": {"rho": 0.05, "beta": 0.9, "mu": 0.9, "lr": 1e-4},
+                        "nlg": {"rho": 0.01, "beta": 0.8, "mu": 0.8, "lr": 2e-5}}
     m = lora_mlp()
     opt = torch.optim.AdamW(trainable(m), lr=1e-3)
     mg = MGPO(m, opt)
@@ -446,9 +447,11 @@ def test_hft_category_counts_on_a_llama_shaped_model():
             mlp_total += sum(mlps)
         assert mlp_total == 6                                   # exactly half of 12, balanced across layers
         assert mask["embed_tokens.weight"] != mask["lm_head.weight"]
-    # trainable fraction by elements (pinned for this draw): ≈ one half
+    # trainable fraction by elements: attention 4·2·64 + mlp 6·96 + norms 4·8 + embedding|head 88 = 1208 of 2424
+    # (the final norm, a one-member category, is trainable with probability ½ — frozen in this draw)
     rep = hft.apply(0)
-    assert rep["trainable_fraction"] == pytest.approx(0.5, abs=0.12)
+    assert rep["trainable_fraction"] == 1208 / 2424
+    assert not hft.mask(0)["norm.weight"] and any(hft.mask(r)["norm.weight"] for r in range(10))
     assert rep["trainable_fraction"] == pytest.approx(sum(p.numel() for p in model.parameters() if p.requires_grad)
                                                       / sum(p.numel() for p in model.parameters()))
 
@@ -562,3 +565,68 @@ def test_hft_checkpoint_and_bad_input():
         HalfFineTuning(nn.ReLU())
     with pytest.raises(ValueError, match="round"):
         hft.mask(-1)
+
+
+# ---------------------------------------------------------------------------------------------------- any optimizer, layering
+def test_rules_work_with_torchstep_optimizers():
+    from torchstep.optim import AdamW as TSAdamW, Lion
+    x, y = data()
+    m1, m2 = lora_mlp(), lora_mlp()
+    o1 = TSAdamW(trainable(m1), lr=1e-2)
+    o2 = ALLoRA(TSAdamW(trainable(m2), lr=1e-2), m2, adaptive=False)
+    train(m1, o1, 3, x, y)
+    train(m2, o2, 3, x, y)
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+    m3 = lora_mlp()
+    o3 = ALLoRA(Lion(trainable(m3), lr=1e-3), m3)
+    train(m3, o3, 2, x, y)
+    m4 = lora_mlp()
+    o4 = Lion(trainable(m4), lr=1e-3)
+    mg = MGPO(m4, o4)
+    run_mgpo(m4, o4, mg, 3, x, y)
+    assert set(mg.epsilons()) == {"base_model.model.0", "base_model.model.2"}    # Lion's exp_avg is read
+
+
+def test_mgpo_fan_in_fan_out_layer_is_perturbed_in_its_own_layout():
+    from transformers.pytorch_utils import Conv1D
+    torch.manual_seed(0)
+    base = nn.Sequential(Conv1D(5, 6), nn.Tanh(), nn.Linear(5, 3)).double()
+    m = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=2, target_modules=["0", "2"],
+                                                  fan_in_fan_out=True))
+    x, y = data(torch.float64)
+    opt = torch.optim.AdamW(trainable(m), lr=1e-2)
+    mg = MGPO(m, opt, rho=0.1)
+    run_mgpo(m, opt, mg, 3, x, y)
+    eps = mg.epsilons()
+    assert eps["base_model.model.0"].shape == m.base_model.model[0].base_layer.weight.shape == (6, 5)
+    ref = copy.deepcopy(m)
+    with torch.no_grad():
+        for name, e in eps.items():
+            ref.get_submodule(name).base_layer.weight.add_(e)
+    F.mse_loss(ref(x), y).backward()
+    opt.zero_grad()
+    with mg.perturbed():
+        F.mse_loss(m(x), y).backward()
+    for p, q in zip(m.parameters(), ref.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12)
+
+
+def test_peft_rule_modules_import_only_torch_ops_and_partition():
+    import ast
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "torchstep" / "peft"
+    for name in ("allora.py", "mgpo.py", "hut.py", "hft.py"):
+        tree = ast.parse((root / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                mod = node.module or ""
+                if node.level == 0:
+                    assert mod.split(".")[0] in ("__future__", "torch", "typing", "math", "re", "contextlib"), (name, mod)
+                elif node.level == 2:
+                    assert mod.split(".")[0] in ("ops", "partition"), (name, mod)
+                else:
+                    assert node.level == 1, (name, mod)
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    assert a.name.split(".")[0] in ("torch", "math", "re"), (name, a.name)

@@ -8,7 +8,7 @@ The rule (per LoRA ``Linear`` layer ℓ, merged-weight space, s = α/r; official
 
     step:  W_ℓ ← W_ℓ + ε_ℓ → forward + backward (grads of A, B at W + ε) → restore W_ℓ → update ḡ → optimizer.step()
 
-A layer is skipped (no perturbation) while its momentum is missing (first step), non-finite, or ‖V‖ ≤ 1e-12.
+A layer is skipped (no perturbation) while its momentum is missing (first step), V is non-finite, or ‖V‖ ≤ 1e-12.
 The sign follows the official code: ε points along −momentum, i.e. along the coming descent step (a
 look-ahead), not SAM's +g ascent.
 
@@ -24,7 +24,7 @@ Paper: Chang, Guo, Chang, Wu, "LoRA-MGPO: Mitigating Double Descent in Low-Rank 
 Perturbation Optimization", arXiv 2502.14538 v2, EMNLP 2025 Findings.  Official code llm172/LoRA-MGPO (b45656c,
 ``lora_mgpo/trainer.py``, ``config.py``), read for the card (``shared/reference/peft.md`` §3.2); no code is copied.
 
-Confirmed [code]: V, ε, the ḡ EMA (first value raw), the 1e-12 constants, the clamp 10 on 1/ḡ (in the code, not in
+Confirmed [code, re-read 2026-12 at b45656c]: V, ε, the ḡ EMA (first value raw), the 1e-12 constants, the clamp 10 on 1/ḡ (in the code, not in
 the paper's docstring formula), the skip conditions, the moment keys ``exp_avg`` then ``momentum_buffer``, the
 profiles ``nlu`` (ρ 0.05, β 0.9, AdamW β1 0.9) and ``nlg`` (ρ 0.01, β 0.8, AdamW β1 0.8).
 Deviations (switches):
@@ -34,6 +34,11 @@ Deviations (switches):
   point, and in bf16 the drift accumulates every step.
 * An optimizer without a first moment: the official code silently does nothing; here a state that exists but holds
   no moment raises ``RuntimeError`` (and an optimizer whose defaults say ``momentum=0`` is refused up front).
+* ρ = 0 is allowed (no perturbation: bit-exact LoRA + optimizer); the official code requires ρ > 0.
+* V, ε and ḡ are computed in ``promote(dtype, float32)`` — float32 as in the official code, except that float64
+  models stay in float64 (the official code computes in float32 always).
+* Several active adapters on one layer: their ε are summed and each keeps its own ḡ; the official code uses the
+  first active adapter only (identical for the usual single adapter).
 
 Memory: one Python float per layer (ḡ); transient per layer: ε (d_out×d_in) and, with ``restore="exact"``, a saved
 copy of W (d_out×d_in).  Cost ≈ 4·d_out·d_in·r multiply-adds per layer per step (6 with ``"subtract"``).
@@ -47,7 +52,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-PROFILES = {"nlu": {"rho": 0.05, "beta": 0.9}, "nlg": {"rho": 0.01, "beta": 0.8}}
+# official profiles [code, config.py]: mu = the AdamW β1 to use, lr = the paper's learning rate (informational)
+PROFILES = {"nlu": {"rho": 0.05, "beta": 0.9, "mu": 0.9, "lr": 1e-4},
+            "nlg": {"rho": 0.01, "beta": 0.8, "mu": 0.8, "lr": 2e-5}}
 RESTORES = ("exact", "subtract")
 MOMENT_KEYS = ("exp_avg", "momentum_buffer")
 EPS = 1e-12
@@ -75,13 +82,13 @@ def active_adapters(module: nn.Module) -> list[str]:
 def mgpo_perturbation(A: Tensor, B: Tensor, M_A: Tensor, M_B: Tensor, scaling: float, rho: float,
                       gbar: float | None) -> Tensor | None:
     r"""ε = −ρ·V/(‖V‖+1e-12)·min(1/(ḡ+1e-12), 10) with V = s·(M_B·A + B·M_A) (factor 1 when ``gbar is None``);
-    ``None`` when the layer is skipped (non-finite momentum or ‖V‖ ≤ 1e-12).  Computed in
+    ``None`` when the layer is skipped (non-finite V or ‖V‖ ≤ 1e-12).  Computed in
     ``promote(dtype, float32)``; shape of the (d_out×d_in) merged weight."""
     dt = torch.promote_types(A.dtype, torch.float32)
     A, B, M_A, M_B = (t.detach().to(dt) for t in (A, B, M_A, M_B))
-    if not (torch.isfinite(M_A).all() and torch.isfinite(M_B).all()):
-        return None
     V = scaling * (M_B @ A + B @ M_A)
+    if not torch.isfinite(V).all():
+        return None
     norm = torch.linalg.vector_norm(V)
     if not norm > EPS:
         return None
@@ -112,7 +119,7 @@ class MGPO:
             moment (``exp_avg``: Adam/AdamW/torchstep Adam-type; ``momentum_buffer``: SGD with momentum > 0), or
             the key named by ``moment_key``.
         profile: ``"nlu"`` (ρ 0.05, β 0.9; default) or ``"nlg"`` (ρ 0.01, β 0.8) — the official profiles; set the
-            optimizer's β1 to 0.9 / 0.8 yourself to match them fully.
+            optimizer's β1 to ``PROFILES[profile]["mu"]`` (0.9 / 0.8) and lr (1e-4 / 2e-5) yourself to match them.
         rho: perturbation radius ρ ≥ 0 (overrides the profile); 0 ⇒ no perturbation (bit-exact LoRA + optimizer).
         beta: ḡ EMA coefficient in [0, 1) (overrides the profile).
         restore: ``"exact"`` (default; saved copy, W bitwise unchanged) or ``"subtract"`` (official in-place).
@@ -144,7 +151,10 @@ class MGPO:
         self.rho, self.beta, self.restore, self.moment_key = float(rho), float(beta), restore, moment_key
         self.layers: dict[str, nn.Module] = {}
         for name, m in find_lora_layers(model):
-            if not isinstance(getattr(m, "base_layer", None), nn.Linear):
+            base = getattr(m, "base_layer", None)
+            linear_like = isinstance(base, nn.Linear) or (getattr(m, "fan_in_fan_out", False)
+                                                          and getattr(getattr(base, "weight", None), "ndim", 0) == 2)
+            if not linear_like:
                 if skip_non_linear:
                     continue
                 raise ValueError(f"Invalid model: LoRA layer {name!r} wraps {type(getattr(m, 'base_layer', None)).__name__}, "
