@@ -331,6 +331,14 @@ def test_mgpo_with_sgd_momentum_checkpoint_and_bad_input():
         MGPO(m, opt, profile="vision")
     with pytest.raises(ValueError, match="model: no LoRA adapters"):
         MGPO(mlp(), torch.optim.AdamW(mlp().parameters()))
+    zero = lora_mlp()
+    lay = zero.base_model.model[0]
+    lay.lora_A["default"] = nn.Linear(6, 0, bias=False)                      # a duck-typed rank-0 adapter
+    lay.lora_B["default"] = nn.Linear(0, 5, bias=False)
+    with pytest.raises(ValueError, match="rank 0"):
+        MGPO(zero, torch.optim.AdamW(trainable(zero)))
+    with pytest.raises(ValueError, match="rank 0"):
+        ALLoRA(torch.optim.AdamW(trainable(zero)), zero)
     conv = peft.get_peft_model(nn.Sequential(nn.Conv2d(2, 2, 1)), peft.LoraConfig(r=1, target_modules=["0"]))
     with pytest.raises(ValueError, match="not nn.Linear"):
         MGPO(conv, torch.optim.AdamW(trainable(conv)))

@@ -39,6 +39,9 @@ the optimizer state of a tensor frozen in a round — hence the explicit ``state
   only for trainable tensors; a tensor unfrozen later restarts from a fresh state, step 0).
 * ``"reset"``: every tensor's state is deleted at each round change (a fresh optimizer per round/stage).
 
+At the first ``apply`` (no previous round) ``"drop"`` and ``"reset"`` both delete the state of the tensors frozen
+in that round and keep the rest; re-applying the current round leaves the optimizer alone.
+
 Frozen tensors get ``requires_grad=False`` and ``.grad = None`` (so no optimizer applies a stale gradient or a
 decoupled weight decay to them — torch's optimizers skip tensors without a gradient): frozen weights are bitwise
 unchanged, weight-gradient compute and (with ``"drop"``/``"reset"``) optimizer memory of the frozen half are saved.

@@ -63,10 +63,16 @@ CLAMP = 10.0
 
 def find_lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` for every module carrying ``lora_A``/``lora_B`` ``ModuleDict``s (peft's LoRA layers, or any
-    duck-typed equivalent with ``scaling`` and ``base_layer``)."""
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(getattr(m, "lora_A", None), nn.ModuleDict)
-            and isinstance(getattr(m, "lora_B", None), nn.ModuleDict) and len(m.lora_A) > 0]
+    duck-typed equivalent with ``scaling`` and ``base_layer``).  Raises ``ValueError`` for an adapter of rank 0."""
+    out = [(n, m) for n, m in model.named_modules()
+           if isinstance(getattr(m, "lora_A", None), nn.ModuleDict)
+           and isinstance(getattr(m, "lora_B", None), nn.ModuleDict) and len(m.lora_A) > 0]
+    for n, m in out:
+        for a, sub in m.lora_A.items():
+            w = getattr(sub, "weight", None)
+            if w is not None and (w.dim() == 0 or w.shape[0] == 0):
+                raise ValueError(f"Invalid model: LoRA layer {n!r} adapter {a!r} has rank 0 (valid range: r >= 1)")
+    return out
 
 
 def active_adapters(module: nn.Module) -> list[str]:
@@ -265,6 +271,8 @@ class MGPO:
         unknown = set(state["gbar"]) - {k for k, *_ in self._pairs()}
         if unknown:
             raise ValueError(f"Invalid state: gbar keys {sorted(unknown)} match no LoRA layer of this model")
+        if state["restore"] not in RESTORES:
+            raise ValueError(f"Invalid state: restore {state['restore']!r} (valid range: one of {RESTORES})")
         self.gbar = {k: float(v) for k, v in state["gbar"].items()}
         self.rho, self.beta, self.restore = float(state["rho"]), float(state["beta"]), state["restore"]
 
