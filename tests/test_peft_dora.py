@@ -412,3 +412,14 @@ def test_bf16_parameters():
     xb = torch.randn(4, 16).bfloat16()
     yd, yf = dense(xb).float(), fact(xb).float()
     assert (yf - yd).abs().max().item() <= 2e-2 * yd.abs().max().item()
+
+
+def test_bench_memory_probe_and_compose_table_smoke():
+    from torchstep.peft import bench_dora
+    out = bench_dora._child([{"kind": "norm", "variant": v, "d_out": 64, "d_in": 64, "r": 4}
+                             for v in ("peft_dense", "factored")])
+    assert len(out) == 2 and all(r["peak_delta_mib"] >= 0 and r["rss_before_mib"] > 0 for r in out)
+    fns = bench_dora._norm_fns(bench_dora._peft_layer(64, 48, 4)[1])
+    ref = fns["peft_dense"]()
+    for k in ("torchstep_dense", "factored"):
+        torch.testing.assert_close(fns[k](), ref, rtol=1e-5, atol=1e-6)
