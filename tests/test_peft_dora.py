@@ -423,3 +423,45 @@ def test_bench_memory_probe_and_compose_table_smoke():
     ref = fns["peft_dense"]()
     for k in ("torchstep_dense", "factored"):
         torch.testing.assert_close(fns[k](), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_patch_skips_embedding_dora_and_is_idempotent_to_restore():
+    torch.manual_seed(14)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 16)
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, i):
+            return self.fc(self.emb(i))
+
+    pm = get_peft_model(Net(), LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["emb", "fc"]))
+    ids = torch.tensor([[1, 2, 3]])
+    ref = pm(ids)
+    h = patch_peft_dora(pm)
+    assert h.names == ["base_model.model.fc.default"]
+    assert list(h.skipped) == ["base_model.model.emb.default"]
+    torch.testing.assert_close(pm(ids), ref, rtol=0, atol=1e-6)
+    h.restore()
+    h.restore()
+    assert torch.equal(pm(ids), ref)
+
+
+@pytest.mark.parametrize("fused", ["eager", "function", "auto"])
+def test_doralinear_fused_modes_agree(fused):
+    torch.manual_seed(15)
+    ref = DoRALinear(nn.Linear(24, 16), 4, 8, fused="eager")
+    with torch.no_grad():
+        ref.lora_B.normal_()
+        ref.magnitude.mul_(1.2)
+    other = copy.deepcopy(ref)
+    other.fused = fused
+    x = torch.randn(3, 5, 24)
+    ya, yb = ref(x), other(x)
+    assert torch.equal(ya, yb)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    for n in ("lora_A", "lora_B", "magnitude"):
+        torch.testing.assert_close(getattr(other, n).grad, getattr(ref, n).grad, rtol=1e-6, atol=1e-6)
