@@ -81,7 +81,7 @@ def test_rl_arms_run_only_on_rl_tasks_and_the_rl_suite_is_a_fixed_lr_with_paired
 def test_every_objective_arm_trains_and_counts_zero_variance_rollouts():
     for arm in arms.RL_ARMS:
         p = TASKS["rl-arith"].problem(0, held_out=64)     # the same SFT start; a cheaper evaluation
-        p.set_objective(arm.objective)
+        p.configure(arm.objective)
         opt = arm.make(p.model.parameters(), arm.default_lr)
         before = [q.detach().clone() for q in p.model.parameters()]
         for step in range(3):

@@ -289,8 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--markdown", action="store_true", help="print a markdown table (as in README.md)")
     listing.set_defaults(func=cmd_list)
     bench = sub.add_parser("bench", help="optimizer comparison sweep + report (`bench speed`: step-time table)")
-    bench.add_argument("--suite", choices=["smoke", "default", "rl", "full"], default="default",
-                       help="smoke | default (six cheap tasks) | rl (the RL objectives on rl-arith) | full")
+    bench.add_argument("--suite", choices=["smoke", "default", "rl", "finetune", "full"], default="default",
+                       help="smoke | default (six cheap tasks) | rl (the RL objectives on rl-arith) | finetune (the "
+                       "fine-tuning methods on finetune-bytes) | full")
     bench.add_argument("--tasks", nargs="+", default=None, metavar="TASK")
     bench.add_argument("--optimizers", nargs="+", default=None, metavar="OPTIMIZER")
     bench.add_argument("--seeds", type=int, default=None, help="paired seeds per arm (>= 3 for a verdict)")

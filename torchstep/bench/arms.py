@@ -46,6 +46,19 @@ class Arm:
     #: RL arms: ``{"preset": name, "overrides": {...}, "dynamic_sampling": bool}`` (torchstep.objectives) — the
     #: arm is the objective, ``build`` its fixed optimizer; they run on ``kind == "rl"`` tasks only
     objective: dict[str, Any] | None = None
+    #: fine-tuning arms: ``{"method": name, ...}`` (bench/finetune.py: the adaptation method — LoRA, DoRA, HFT, …,
+    #: ``build`` its optimizer); they run on ``kind == "finetune"`` tasks only
+    adapter: dict[str, Any] | None = None
+
+    @property
+    def kind(self) -> str:
+        """The task kind the arm runs on: ``"rl"`` (objective arms), ``"finetune"`` (adapter arms), ``"supervised"``."""
+        return "rl" if self.objective is not None else "finetune" if self.adapter is not None else "supervised"
+
+    @property
+    def spec(self) -> dict[str, Any] | None:
+        """What the task needs to know about the arm besides its optimizer (objective or adapter), or None."""
+        return self.objective if self.objective is not None else self.adapter
 
     @property
     def matrix_only(self) -> bool:
@@ -113,6 +126,18 @@ RL_ARMS = (_rl("grpo", "grpo"), _rl("dr_grpo", "dr_grpo"), _rl("dapo", "dapo", T
            _rl("rloo", "rloo"), _rl("reinforce_pp", "reinforce_pp"), _rl("bnpo", "bnpo"), _rl("gspo", "gspo"),
            _rl("cispo", "cispo", eps_max=2.0), _rl("gtpo", "gtpo"), _rl("ace", "ace"), _rl("copo", "copo"))
 
+def _ft(name: str, method: str, lr: float, **spec: Any) -> Arm:
+    """A fine-tuning arm: the adaptation method (bench/finetune.py) trained by torch AdamW (no weight decay)."""
+    return Arm(name, torch.optim.AdamW, lr, {"weight_decay": 0.0}, adapter={"method": method, **spec})
+
+
+#: the fine-tuning arms (``finetune-bytes``): LoRA-family adapters at rank 8, α = 2r (peft's LoRA), full fine-tuning
+#: (ALLoRA: α = r, η = 1; MGPO: the official nlu profile ρ 0.05, β 0.9; HFT: half frozen per 75-step round, optimizer
+#: state kept; HUT rank 8)
+FINETUNE_ARMS = (_ft("full-ft", "full", 1e-3), _ft("lora", "lora", 3e-3), _ft("dora", "dora", 3e-3),
+                 _ft("allora", "allora", 3e-3), _ft("mgpo", "mgpo", 3e-3), _ft("hut", "hut", 3e-3),
+                 _ft("hft", "hft", 1e-3))
+
 ARMS: dict[str, Arm] = {a.name: a for a in [
     _ours("adamw"),
     Arm("sgd", torch.optim.SGD, 3e-2, {"momentum": 0.9}),
@@ -128,6 +153,7 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
     Arm("spectra-adamw", lambda g, lr, c: Spectra(torch.optim.AdamW(g, lr=lr, weight_decay=0.0), c=c), 3e-3,
         {"c": 5.0}),
     *RL_ARMS,
+    *FINETUNE_ARMS,
 ]}
 
 #: arms of the memory comparison (docs/low-rank.md): in the ``full`` suite and ``bench memory``, not in
@@ -183,8 +209,9 @@ def mup_lr_factor(arm: str, m: float) -> float:
 
 
 def applicable(arm: Arm, task) -> bool:
-    """Objective arms run on RL tasks only, optimizer arms on the rest; matrix-only rules need 2-D weights."""
-    return (arm.objective is not None) == (task.kind == "rl") and (task.matrices or not arm.matrix_only)
+    """Objective arms run on RL tasks, adapter arms on fine-tuning tasks, optimizer arms on the rest; matrix-only
+    rules need 2-D weights."""
+    return arm.kind == task.kind and (task.matrices or not arm.matrix_only)
 
 
 #: the harness' schedules (``--schedule``): name → (description recorded in each trial, multiplier(step, total,
@@ -232,6 +259,8 @@ class ArmOptimizer:
         # μP (Problem.mup_width_mult = m): the hidden matrices' lr per the arm's rule (mup_lr_factor); the
         # fallback's vector-like tensors keep theirs
         self.rule = arm.make([{"params": rule}], lr * mup_lr_factor(arm.name, problem.mup_width_mult))
+        if problem.with_optimizer is not None:      # a fine-tuning method acting on the optimizer (bench/finetune.py)
+            self.rule = problem.with_optimizer(self.rule)
         if arm.hessian == "gnb":
             for g in self.rule.param_groups:
                 g["bs"] = problem.tokens

@@ -31,8 +31,8 @@ def resolve(task: str, arm: str, lr: float, seed: int, steps: int, phase: str, o
     present when set, so unmonitored trials keep their ids)."""
     t, a = TASKS[task], ARMS[arm]
     if not applicable(a, t):
-        raise ValueError(f"arm {arm!r} does not apply to task {task!r} (objective arms run on RL tasks, optimizer "
-                         "arms on the rest; matrix-only rules need 2-D weights)")
+        raise ValueError(f"arm {arm!r} does not apply to task {task!r} (objective arms run on RL tasks, adapter arms "
+                         "on fine-tuning tasks, optimizer arms on the rest; matrix-only rules need 2-D weights)")
     valid = t.valid_options
     unknown = set(options or {}) - set(valid)
     if unknown:
@@ -43,6 +43,7 @@ def resolve(task: str, arm: str, lr: float, seed: int, steps: int, phase: str, o
             "lr": lr, "seed": seed, "steps": steps, "phase": phase, "evals": evals,
             "schedule": SCHEDULES[schedule_for(arm, schedule)][0], "weight_decay": 0.0,
             **({"objective": a.objective} if a.objective else {}),
+            **({"adapter": a.adapter} if a.adapter else {}),
             **({"monitor": _check_monitor(monitor, t)} if monitor else {})}
 
 
@@ -101,7 +102,7 @@ def _train(problem, opt: ArmOptimizer, steps: int, evals: int, recorder: GradNor
             wall0 += time.perf_counter() - w0
         loss = problem.train_loss(step)
         opt.zero_grad()
-        loss.backward()
+        (problem.backward or torch.Tensor.backward)(loss)
         if recorder is not None:
             recorder.record()
         t0 = time.process_time()
@@ -123,11 +124,11 @@ def _train(problem, opt: ArmOptimizer, steps: int, evals: int, recorder: GradNor
 
 
 def _problem(config: dict, task, arm):
-    """The trial's problem from its seed and options, with the arm's objective attached on RL tasks."""
+    """The trial's problem from its seed and options, configured with the arm's objective / adapter spec."""
     torch.manual_seed(config["seed"])
     problem = task.problem(config["seed"], **config["task_options"])
-    if arm.objective is not None:
-        problem.set_objective(arm.objective)
+    if arm.spec is not None:
+        problem.configure(arm.spec)
     return problem
 
 
@@ -150,6 +151,9 @@ def run_trial(config: dict[str, Any], db_path: str | None = None) -> dict[str, A
     """Train, evaluate at ``evals`` evenly spaced points, write to ``db_path`` (if given), return the row."""
     torch.set_num_threads(1)
     task, arm = TASKS[config["task"]], ARMS[config["arm"]]
+    if task.kind == "finetune" and db_path is not None:
+        from .finetune import set_cache_dir
+        set_cache_dir(os.path.dirname(os.path.abspath(db_path)))   # the pretrained base lives with the results
     steps = config["steps"]
     name = next(k for k, (description, _) in SCHEDULES.items() if description == config["schedule"])
     first = _refined_pass(config, task, arm) if name == "refined" else None

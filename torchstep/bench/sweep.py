@@ -25,7 +25,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable
 
-from .arms import ARMS, MEMORY_ARMS, RL_ARMS, applicable, extend, lr_grid
+from .arms import ARMS, FINETUNE_ARMS, MEMORY_ARMS, RL_ARMS, applicable, extend, lr_grid
 from .runner import resolve, run_trial
 from .stats import best_lr
 from .store import connect, trial_id, trials
@@ -195,8 +195,9 @@ def sweep(suite: Suite | list[Suite], out: str | Path, workers: int | None = Non
 
 
 ALL_ARMS = tuple(ARMS)
-DEFAULT_ARMS = tuple(a for a in ARMS if a not in MEMORY_ARMS and ARMS[a].objective is None)
+DEFAULT_ARMS = tuple(a for a in ARMS if a not in MEMORY_ARMS and ARMS[a].kind == "supervised")
 RL_ARM_NAMES = tuple(a.name for a in RL_ARMS)
+FINETUNE_ARM_NAMES = tuple(a.name for a in FINETUNE_ARMS)
 SUITES: dict[str, Suite] = {
     # CI-sized: two known-optimum tasks, short budgets, three arms
     "smoke": Suite(("quadratic", "logreg"), ("adamw", "sgd", "lion"), seeds=3,
@@ -207,6 +208,8 @@ SUITES: dict[str, Suite] = {
     # `torchstep bench --suite rl`: every objective preset on rl-arith at the card's protocol (AdamW lr 3e-4
     # constant, 500 steps, 3 paired seeds; no lr search)
     "rl": Suite(("rl-arith",), RL_ARM_NAMES, seeds=3, grid_points=1, schedule="none"),
+    # `torchstep bench --suite finetune`: every fine-tuning method on finetune-bytes, lr searched, 3 paired seeds
+    "finetune": Suite(("finetune-bytes",), FINETUNE_ARM_NAMES, seeds=3),
     # every task × every applicable arm (rl-arith: the objective arms, with the lr search)
     "full": Suite(tuple(TASKS), ALL_ARMS, seeds=5),
 }

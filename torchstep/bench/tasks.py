@@ -43,8 +43,13 @@ class Problem:
     loss_fn: Callable | None = None
     #: classification tasks: ``(train inputs, train targets, val inputs, val targets)`` (``torchstep diagnose``)
     data: tuple | None = None
-    #: RL tasks (``Task.kind == "rl"``): receives the arm's objective spec (``Arm.objective``) before training
-    set_objective: Callable[[dict], None] | None = None
+    #: RL / fine-tuning tasks: receives the arm's spec (``Arm.objective`` / ``Arm.adapter``) before training
+    configure: Callable[[dict], None] | None = None
+    #: fine-tuning methods that act on the optimizer (ALLoRA wraps it, MGPO reads its momentum, HFT manages its
+    #: state): called with the arm's optimizer, returns the one to step
+    with_optimizer: Callable | None = None
+    #: methods that need the backward inside their own context (MGPO's perturbation): replaces ``loss.backward()``
+    backward: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,8 @@ class Task:
     matrices: bool = True        # has 2-D weights (matrix-only methods such as Muon apply)
     #: valid options left out of a trial's configuration at their default (added later: old trial ids stay)
     extra_options: dict = field(default_factory=dict)
-    #: "supervised": optimizer arms; "rl": objective arms (``Arm.objective``: an RL preset with a fixed optimizer)
+    #: "supervised": optimizer arms; "rl": objective arms (``Arm.objective``: an RL preset with a fixed optimizer);
+    #: "finetune": adapter arms (``Arm.adapter``)
     kind: str = "supervised"
 
     @property
@@ -287,7 +293,15 @@ def gpt_bytes(seed: int, o: dict) -> Problem:
 def rl_arith(seed: int, o: dict) -> Problem:
     from .rl_arith import ArithRL       # imports torchstep.objectives only when the RL task is built
     rl = ArithRL(seed, o)
-    return Problem(rl.model, rl.train_loss, rl.evaluate, routed=False, set_objective=rl.set_objective)
+    return Problem(rl.model, rl.train_loss, rl.evaluate, routed=False, configure=rl.set_objective)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+def finetune_bytes(seed: int, o: dict) -> Problem:
+    from .finetune import FineTune
+    ft = FineTune(seed, o)
+    return Problem(ft.model, ft.train_loss, ft.evaluate, routed=False, configure=ft.configure,
+                   with_optimizer=ft.with_optimizer, backward=ft.backward)
 
 
 #: tasks whose Problem has a probe batch and loss_fn (monitors, ``torchstep diagnose``)
@@ -315,4 +329,8 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          "8 rollouts per step, exact-match reward; val = 1 − greedy accuracy on 512 held-out problems", False,
          dict(prompts=16, group=8, pool=1000, held_out=512, sft_problems=2000, sft_target=0.25, sft_max_steps=3000,
               temperature=1.0), kind="rl"),
+    Task("finetune-bytes", finetune_bytes, 300, "adapt a stdlib-pretrained byte GPT (d64 L2 h4, ctx 64, 0.14M "
+         "parameters, 600 steps) to Python's language-reference topics; val = held-out nats/byte on the new domain",
+         False, dict(context=64, width=64, depth=2, heads=4, pretrain_steps=600, pretrain_lr=3e-3, batch=16,
+                     val_batches=8), kind="finetune"),
 ]}
