@@ -163,8 +163,12 @@ def test_inplace_equals_out_of_place_bitwise(dtype, g_fp32):
     ref = dora_compose(lora, base, g, 0.125)
     got = dora_compose_(lora.clone(), base, g, 0.125)
     assert ref.dtype == dtype and torch.equal(ref, got)
-    got_small = dora_compose_(lora.clone(), base, g.view(1, -1), 0.125, chunk_mb=0)   # chunked path
+    got_small = dora_compose_(lora.clone(), base, g.view(1, -1), 0.125, chunk_mb=0)
     assert torch.equal(ref, got_small)
+    # > 1 row chunk at the 16 MiB floor: 16 MiB / (3·48·4 B) = 29127 rows per chunk
+    big_l, big_b = torch.randn(40000, 48).to(dtype), torch.randn(40000, 48).to(dtype)
+    assert torch.equal(dora_compose_(big_l.clone(), big_b, g, 0.125, chunk_mb=0),
+                       dora_compose(big_l, big_b, g, 0.125))
 
 
 def test_stable_compose_beats_naive_in_bf16():
