@@ -1,4 +1,5 @@
-"""``torchstep.objectives`` depends on torch (and at most ``torchstep.ops`` / ``partition``); nothing imports it back."""
+"""``torchstep.objectives`` and ``torchstep.peft`` depend on torch (and at most ``torchstep.ops`` / ``partition``);
+``optim`` never imports them."""
 import ast
 from pathlib import Path
 
@@ -23,3 +24,11 @@ def test_objectives_import_only_ops_and_partition_and_optim_never_imports_them()
         assert not bad, (f.name, bad)
     for f in (ROOT / "optim").glob("*.py"):
         assert not {m for m in _torchstep_imports(f) if m.startswith("objectives")}, f.name
+
+
+def test_peft_imports_only_ops_and_partition_and_optim_never_imports_it():
+    for f in (ROOT / "peft").glob("*.py"):
+        bad = {m for m in _torchstep_imports(f) if not m.startswith(("peft", "ops", "partition"))}
+        assert not bad, (f.name, bad)
+    for f in (ROOT / "optim").glob("*.py"):
+        assert not {m for m in _torchstep_imports(f) if m.startswith("peft")}, f.name
