@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from torchstep.bench import arms, finetune as F, sweep
+from torchstep.bench import arms, finetune as F, report, sweep
 from torchstep.bench.runner import resolve, run_trial
 from torchstep.bench.tasks import TASKS
 
@@ -66,7 +66,7 @@ class GPTCount:
 
 
 def test_every_method_trains_through_the_harness_and_reports_forgetting(tmp_path):
-    db = str(tmp_path / "r.sqlite")
+    db = str(tmp_path / "results.sqlite")
     before = TASKS["finetune-bytes"].problem(0, **SMALL).evaluate()["original"]   # the pretrained model's
     for arm in arms.FINETUNE_ARMS:
         row = run_trial(resolve("finetune-bytes", arm.name, arm.default_lr, 0, 6, "final", SMALL, evals=1), db)
@@ -75,6 +75,10 @@ def test_every_method_trains_through_the_harness_and_reports_forgetting(tmp_path
         assert m["forgetting"] == pytest.approx(m["original"] - before, abs=1e-6), arm.name
         assert row["state_bytes"] > 0, arm.name
     assert list(tmp_path.glob("pretrained-*.pt"))                     # the base is cached in the results dir
+    md = report.write(tmp_path).read_text()                           # the report's method section and figure
+    section = md.split("### finetune-bytes: fine-tuning methods")[1].split("![")[0]
+    assert all(f"| {arm.name} |" in section for arm in arms.FINETUNE_ARMS)
+    assert "| lora | 0.003 | 1 | " in section and (tmp_path / "figures" / "finetune-bytes-methods.png").exists()
 
 
 def test_mgpo_step_leaves_the_frozen_base_bitwise_unchanged_and_hft_changes_half_per_round():

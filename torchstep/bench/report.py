@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from . import eos, rl_report
+from . import eos, method_report
 from .analysis import analyse
 from .figures import state_points, write_figures
 from .stats import paired_p, pareto_front
@@ -98,10 +98,10 @@ def write(out: str | Path, analysis: dict[str, Any] | None = None) -> Path:
     md += ["", "![loss vs state memory](figures/state_pareto.png)", ""]
     if "performance_profile.png" in figures:
         md += ["![performance profile](figures/performance_profile.png)", ""]
-    rl = rl_report.table(a)
-    if rl:
-        rl_report.write_figures(db, a, out / "figures")
-        md += ["## RL objectives", ""] + rl
+    methods = method_report.table(a)
+    if methods:
+        method_report.write_figures(db, a, out / "figures")
+        md += ["## Method tasks (RL objectives, fine-tuning methods)", ""] + methods
     stability = eos.table(db, a)
     if stability:
         eos.write_figures(db, a, out / "figures")
