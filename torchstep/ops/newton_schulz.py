@@ -61,14 +61,68 @@ def resolve_preset(preset: str | Preset | Sequence[Sequence[float]]) -> Preset:
     return Preset(coefficients)
 
 
+NS_METHODS = ("standard", "gram", "auto")
+
+#: ``method="auto"`` runs the Gram iteration when max(m, n)/min(m, n) ≥ this.  The FLOP break-even of
+#: :func:`flops` is ≈ 1.5 (5 steps, one restart); 2 leaves a margin for the extra kernel launches
+#: (see docs/speed.md, "Newton–Schulz: Gram iteration").
+GRAM_AUTO_ASPECT = 2.0
+
+
+def default_restarts(steps: int, compute_dtype: torch.dtype | None) -> tuple[int, ...]:
+    """Iterations before which the Gram iteration restarts (``X ← Q·X``, ``R ← X·Xᵀ``, ``Q ← I``).
+
+    16-bit compute: every 2nd iteration (2, 4, …) — Q is a polynomial in the Gram matrix whose eigenvalues
+    grow like ∏aᵢ ≈ 1/σ for small singular values σ, and rounding Q to bf16/fp16 costs ``eps·‖Q‖``; two
+    steps bound ‖Q‖ by a₀·a₁ (≈ 12 quintic, ≈ 33 Polar Express).  The gram-newton-schulz package restarts
+    once (after iteration 2 of 5) in fp16; bf16 has 3 fewer mantissa bits, and the measured bf16 error
+    with one restart is outside the standard iteration's band (tests/test_newton_schulz_gram.py).
+    32/64-bit compute: none (∏aᵢ·eps ≈ 1e3·6e-8 stays far below the band's width)."""
+    if compute_dtype in (torch.bfloat16, torch.float16):
+        return tuple(range(2, steps, 2))
+    return ()
+
+
+def _gram_iteration(X: Tensor, steps: int, p: Preset, restarts: Sequence[int], mm, madd) -> Tensor:
+    """The NS steps of :func:`newton_schulz` on the small Gram matrix: with ``R = X₀X₀ᵀ`` (m×m) every step
+    is ``X_{k+1} = W_k·X_k``, ``W_k = a·I + b·R_k + c·R_k²`` a polynomial in ``R_k = X_k X_kᵀ``; all
+    ``W``'s commute with ``R``, so ``Q ← Q·W`` and ``R ← W·R·W`` are carried instead of ``X`` (O(m³) per
+    step instead of O(m²n)), and ``X = Q·X₀`` is formed once at the end (and at every restart)."""
+    eye = torch.eye(X.shape[-2], dtype=X.dtype, device=X.device)
+    restarts = set(restarts)
+    R = mm(X, X.mT)
+    Q = None
+    for i in range(steps):
+        a, b, c = p.coefficients[min(i, len(p.coefficients) - 1)]
+        if i in restarts and Q is not None:
+            X = mm(Q, X)
+            R = mm(X, X.mT)
+            Q = None
+        Z = madd(R, R, R, beta=b, alpha=c)                      # b·R + c·R²
+        Q = Z + a * eye if Q is None else madd(Q, Q, Z, beta=a)  # Q·W = a·Q + Q·Z
+        if i + 1 < steps and i + 1 not in restarts:
+            RZ = madd(R, R, Z, beta=a)                           # R·W
+            R = madd(RZ, Z, RZ, beta=a)                          # W·R·W = a·RW + Z·RW
+    return mm(Q, X)
+
+
 def newton_schulz(G: Tensor, steps: int = 5, preset: str | Preset | Sequence = "quintic",
-                  compute_dtype: torch.dtype | None = torch.bfloat16) -> Tensor:
+                  compute_dtype: torch.dtype | None = torch.bfloat16, method: str = "standard",
+                  restarts: Sequence[int] | None = None) -> Tensor:
     """Approximate orthogonalisation of ``G`` (…, m, n), batched over leading dimensions.
 
     Returns a tensor of ``G``'s shape and dtype.  ``compute_dtype=None`` keeps ``G``'s dtype.
+
+    ``method``: ``"standard"`` (default; the iteration above, bit-for-bit torch.optim.Muon's in bf16),
+    ``"gram"`` — the same polynomial carried out on the m×m Gram matrix (:func:`_gram_iteration`; fewer
+    FLOPs when n ≥ 1.5·m, see :func:`flops`), or ``"auto"`` (gram when the aspect ratio is ≥
+    :data:`GRAM_AUTO_ASPECT`).  ``restarts``: iterations before which the Gram iteration restarts from the
+    current X (default :func:`default_restarts`; ignored by ``"standard"``).
     """
     if G.dim() < 2:
         raise ValueError(f"newton_schulz needs a matrix or a batch of matrices, got shape {tuple(G.shape)}")
+    if method not in NS_METHODS:
+        raise ValueError(f"Invalid method: {method!r} (valid range: one of {list(NS_METHODS)})")
     p = resolve_preset(preset)
     X = G.to(compute_dtype) if compute_dtype is not None else G
     shape = X.shape
@@ -81,6 +135,11 @@ def newton_schulz(G: Tensor, steps: int = 5, preset: str | Preset | Sequence = "
     X = X / (norm * p.scale + p.offset)
     # fused multiply-adds (one rounding each), as torch.optim.Muon: markedly more accurate in bf16
     mm, madd = (torch.bmm, torch.baddbmm) if batched else (torch.mm, torch.addmm)
+    m, n = X.shape[-2:]
+    if method == "gram" or (method == "auto" and n >= GRAM_AUTO_ASPECT * m):
+        X = _gram_iteration(X, steps, p, default_restarts(steps, X.dtype) if restarts is None else restarts,
+                            mm, madd)
+        steps = 0
     for i in range(steps):
         a, b, c = p.coefficients[min(i, len(p.coefficients) - 1)]
         A = mm(X, X.mT)
@@ -142,7 +201,19 @@ def singular_value_bound(steps: int = 5, preset: str | Preset | Sequence = "quin
     return float(x.abs().max())
 
 
-def flops(m: int, n: int, steps: int = 5) -> int:
-    """FLOPs (multiplies and adds counted separately) of ``steps`` iterations on one m×n matrix."""
+def flops(m: int, n: int, steps: int = 5, method: str = "standard", restarts: Sequence[int] = ()) -> int:
+    """FLOPs (multiplies and adds counted separately) of ``steps`` iterations on one m×n matrix.
+
+    ``method="gram"``: 2m²n for ``R = XXᵀ``, 2m²n for the final ``Q·X``, 4m²n per restart, and per step
+    2m³ for ``R²``, 2m³ for ``Q·Z`` (not after a (re)start, where ``Q = aI + Z``) and 4m³ for ``R ← W·R·W``
+    (not before the last step or a restart) — with no symmetric GEMM (CPU), e.g. 5 steps, one restart:
+    8m²n + 28m³ vs 20m²n + 10m³ (break-even n ≈ 1.5m)."""
     m, n = min(m, n), max(m, n)
-    return steps * (4 * m * m * n + 2 * m ** 3)
+    if method == "standard":
+        return steps * (4 * m * m * n + 2 * m ** 3)
+    restarts = {r for r in restarts if 0 < r < steps}
+    total = 4 * m * m * n + 4 * len(restarts) * m * m * n
+    for i in range(steps):
+        total += 2 * m ** 3 + (0 if i == 0 or i in restarts else 2 * m ** 3)
+        total += 4 * m ** 3 if (i + 1 < steps and i + 1 not in restarts) else 0
+    return total

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..ops.newton_schulz import PRESETS, newton_schulz_many, newton_schulz_many_split, singular_value_bound
+from ..ops.newton_schulz import NS_METHODS, PRESETS, newton_schulz_many, newton_schulz_many_split, singular_value_bound
 from ..ops.shapes import SHAPE_SCALES, as_matrix, shape_scale
 from ._base import Rule, check_choice, check_range, decay_, scalar
 
@@ -106,10 +106,12 @@ def momentum_direction(grad: Tensor, state: dict, group: dict, nesterov: bool | 
 
 
 def newton_schulz_lmo(matrices: list[Tensor], group: dict) -> list[Tensor]:
-    """Batched Newton–Schulz with the group's ``ns_steps/ns_preset/ns_dtype``; with ``split_across_ranks``
-    each data-parallel rank orthogonalises a share and broadcasts it."""
+    """Batched Newton–Schulz with the group's ``ns_steps/ns_preset/ns_dtype/ns_method``; with
+    ``split_across_ranks`` each data-parallel rank orthogonalises a share and broadcasts it.  A group without
+    ``ns_method`` (a checkpoint saved before it existed) runs the standard iteration."""
     run = newton_schulz_many_split if group.get("split_across_ranks") else newton_schulz_many
-    return run(matrices, steps=group["ns_steps"], preset=group["ns_preset"], compute_dtype=NS_DTYPES[group["ns_dtype"]])
+    return run(matrices, steps=group["ns_steps"], preset=group["ns_preset"], compute_dtype=NS_DTYPES[group["ns_dtype"]],
+               method=group.get("ns_method", "standard"))
 
 
 def sign_lmo(matrices: list[Tensor], group: dict) -> list[Tensor]:
@@ -134,6 +136,7 @@ def check_newton_schulz(group: dict) -> None:
     check_range("ns_steps", group["ns_steps"], 1, 99)
     check_choice("ns_preset", group["ns_preset"], tuple(PRESETS))
     check_choice("ns_dtype", group["ns_dtype"], tuple(NS_DTYPES))
+    check_choice("ns_method", group.get("ns_method", "standard"), NS_METHODS)
 
 
 def check_muon(group: dict) -> None:
