@@ -179,3 +179,102 @@ def main(rounds: int = 3, steps: int = 30, optimizers: list[str] | None = None, 
             fh.write(text + "\n")
     return text
 
+
+
+# ---------------------------------------------------------------------- Newton–Schulz: Gram vs standard
+#: (label, ns_method, ns_dtype) of the Gram-iteration table
+NS_CONFIGS = [("standard bf16", "standard", "bfloat16"), ("gram bf16", "gram", "bfloat16"),
+              ("standard fp32", "standard", "float32"), ("gram fp32", "gram", "float32")]
+
+
+def _ns_error(G: torch.Tensor, O: torch.Tensor) -> tuple[float, float, float]:
+    """(‖O − U·Vᵀ‖_F / ‖U·Vᵀ‖_F, σ_min(O), σ_max(O)) with U·Vᵀ from a float64 SVD of G."""
+    U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    polar = U @ Vh
+    s = torch.linalg.svdvals(O.double())
+    return float((O.double() - polar).norm() / polar.norm()), float(s.min()), float(s.max())
+
+
+def measure_ns_gram(dims=(256, 512, 1024), rounds: int = 3, threads: int = 1) -> list[dict[str, Any]]:
+    """Newton–Schulz alone and the whole Muon step (one d×4d or d×d matrix) for :data:`NS_CONFIGS` and
+    ``torch.optim.Muon`` (bf16, its own iteration): candidates interleaved within every round, one timed
+    call each per round after one untimed warm-up call, medians over ``rounds``; plus each configuration's
+    orthogonality error against the float64 SVD polar factor (untimed)."""
+    from ..ops.newton_schulz import NS_METHODS, default_restarts, flops, newton_schulz  # noqa: F401
+    from ..optim import Muon
+    from ..optim.matrix import NS_DTYPES
+    torch.set_num_threads(threads)
+    shapes = [(d, 4 * d) for d in dims] + [(d, d) for d in dims]
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for shape in shapes:
+        G = torch.randn(shape, generator=g)
+        ns = {label: (lambda G=G, m=method, dt=NS_DTYPES[dtype]: newton_schulz(G, compute_dtype=dt, method=m))
+              for label, method, dtype in NS_CONFIGS}
+        steps = {}
+        for label, method, dtype in [("torch.optim.Muon", None, "bfloat16")] + NS_CONFIGS:
+            p = torch.zeros(shape, requires_grad=True)
+            p.grad = G.clone()
+            opt = (torch.optim.Muon([p], lr=0.02, weight_decay=0.0) if method is None else
+                   Muon([p], lr=0.02, ns_dtype=dtype, ns_method=method))
+            steps[label] = opt.step
+        cases.append((shape, G, ns, steps))
+    times: dict[tuple, list[float]] = {}
+    for r in range(rounds + 1):
+        for shape, _, ns, steps in cases:
+            for kind, fns in (("ns", ns), ("step", steps)):
+                for label, fn in fns.items():
+                    start = time.perf_counter()
+                    fn()
+                    if r:                                   # round 0 is the warm-up
+                        times.setdefault((shape, kind, label), []).append((time.perf_counter() - start) * 1e3)
+    rows = []
+    for shape, G, ns, _ in cases:
+        ref = statistics.median(times[(shape, "step", "torch.optim.Muon")])
+        for label, method, dtype in NS_CONFIGS:
+            err = _ns_error(G, ns[label]())
+            restarts = default_restarts(5, NS_DTYPES[dtype]) if method == "gram" else ()
+            gflop = flops(*shape, method=method, restarts=restarts) / 1e9
+            ns_ms = statistics.median(times[(shape, "ns", label)])
+            std_ms = statistics.median(times[(shape, "ns", "standard " + label.split()[-1])])
+            step_ms = statistics.median(times[(shape, "step", label)])
+            rows.append(dict(shape=shape, config=label, ns_ms=ns_ms, ns_speedup=std_ms / ns_ms, step_ms=step_ms,
+                             step_speedup=ref / step_ms, torch_ms=ref, gflop=gflop, gflops=gflop / (ns_ms / 1e3),
+                             err=err[0], smin=err[1], smax=err[2]))
+    return rows
+
+
+def ns_gram_table(rows: list[dict[str, Any]]) -> str:
+    from tabulate import tabulate
+    body = []
+    seen = set()
+    for r in rows:
+        shape = f"{r['shape'][0]}×{r['shape'][1]}"
+        if shape not in seen:
+            seen.add(shape)
+            body.append([shape, "torch.optim.Muon (bf16)", "–", "–", f"{r['torch_ms']:.1f}", "1.00", "–", "–",
+                         "= standard bf16", "= standard bf16"])
+        body.append([shape, r["config"], f"{r['ns_ms']:.1f}", f"{r['ns_speedup']:.2f}", f"{r['step_ms']:.1f}",
+                     f"{r['step_speedup']:.2f}", f"{r['gflop']:.2f}", f"{r['gflops']:.1f}", f"{r['err']:.4f}",
+                     f"[{r['smin']:.3f}, {r['smax']:.3f}]"])
+    return tabulate(body, headers=["shape", "NS (quintic, 5 steps)", "NS ms", "NS × standard (same dtype)",
+                                   "Muon step ms", "step × torch.optim.Muon", "model GFLOP", "GFLOP/s",
+                                   "‖O − UVᵀ‖/‖UVᵀ‖", "σ(O)"], tablefmt="github")
+
+
+if __name__ == "__main__":   # python -m torchstep.bench.speed --ns [--rounds N] [--dims D ...] [--out FILE]
+    import argparse
+    ap = argparse.ArgumentParser(description="Newton–Schulz Gram-iteration table (docs/speed.md)")
+    ap.add_argument("--ns", action="store_true", help="the Gram vs standard Newton–Schulz table")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dims", type=int, nargs="+", default=[256, 512, 1024])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.ns:
+        text = ns_gram_table(measure_ns_gram(tuple(args.dims), args.rounds))
+        text += (f"\n\n{args.rounds} interleaved rounds (+1 warm-up), medians; 1 thread; torch {torch.__version__}; "
+                 f"{platform.processor() or platform.machine()}")
+        print(text)
+        if args.out:
+            with open(args.out, "w") as fh:
+                fh.write(text + "\n")
