@@ -195,8 +195,9 @@ def _ns_error(G: torch.Tensor, O: torch.Tensor) -> tuple[float, float, float]:
     return float((O.double() - polar).norm() / polar.norm()), float(s.min()), float(s.max())
 
 
-def measure_ns_gram(dims=(256, 512, 1024), rounds: int = 3, threads: int = 1) -> list[dict[str, Any]]:
-    """Newton–Schulz alone and the whole Muon step (one d×4d or d×d matrix) for :data:`NS_CONFIGS` and
+def measure_ns_gram(dims=(256, 512, 1024), rounds: int = 3, threads: int = 1,
+                    aspects=(4, 1)) -> list[dict[str, Any]]:
+    """Newton–Schulz alone and the whole Muon step (one d×(a·d) matrix per d and aspect a) for :data:`NS_CONFIGS` and
     ``torch.optim.Muon`` (bf16, its own iteration): candidates interleaved within every round, one timed
     call each per round after one untimed warm-up call, medians over ``rounds``; plus each configuration's
     orthogonality error against the float64 SVD polar factor (untimed)."""
@@ -204,7 +205,7 @@ def measure_ns_gram(dims=(256, 512, 1024), rounds: int = 3, threads: int = 1) ->
     from ..optim import Muon
     from ..optim.matrix import NS_DTYPES
     torch.set_num_threads(threads)
-    shapes = [(d, 4 * d) for d in dims] + [(d, d) for d in dims]
+    shapes = [(d, a * d) for a in aspects for d in dims]
     g = torch.Generator().manual_seed(0)
     cases = []
     for shape in shapes:
@@ -262,16 +263,17 @@ def ns_gram_table(rows: list[dict[str, Any]]) -> str:
                                    "‖O − UVᵀ‖/‖UVᵀ‖", "σ(O)"], tablefmt="github")
 
 
-if __name__ == "__main__":   # python -m torchstep.bench.speed --ns [--rounds N] [--dims D ...] [--out FILE]
+if __name__ == "__main__":   # python -m torchstep.bench.speed --ns [--rounds N] [--dims D ...] [--aspects A ...] [--out FILE]
     import argparse
     ap = argparse.ArgumentParser(description="Newton–Schulz Gram-iteration table (docs/speed.md)")
     ap.add_argument("--ns", action="store_true", help="the Gram vs standard Newton–Schulz table")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dims", type=int, nargs="+", default=[256, 512, 1024])
+    ap.add_argument("--aspects", type=int, nargs="+", default=[4, 1])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.ns:
-        text = ns_gram_table(measure_ns_gram(tuple(args.dims), args.rounds))
+        text = ns_gram_table(measure_ns_gram(tuple(args.dims), args.rounds, aspects=tuple(args.aspects)))
         text += (f"\n\n{args.rounds} interleaved rounds (+1 warm-up), medians; 1 thread; torch {torch.__version__}; "
                  f"{platform.processor() or platform.machine()}")
         print(text)
