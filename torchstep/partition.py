@@ -63,7 +63,9 @@ def _trainable(model: nn.Module) -> Iterator[tuple[str, str, nn.Module, nn.Param
                 yield module_name, f"{module_name}.{pname}" if module_name else pname, module, p
 
 
-def _kind(module_name: str, module: nn.Module, p: nn.Parameter, head: re.Pattern) -> str:
+def module_param_kind(module_name: str, module: nn.Module, p: nn.Parameter, head: re.Pattern) -> str:
+    """The label (``matrix, embedding, head, no_decay``) of parameter ``p`` owned by ``module`` at ``module_name``;
+    ``head`` matches output-head module names (:data:`DEFAULT_HEAD_PATTERN`)."""
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return EMBEDDING
     if p.ndim < 2 or isinstance(module, _NORM_TYPES):
@@ -74,7 +76,7 @@ def _kind(module_name: str, module: nn.Module, p: nn.Parameter, head: re.Pattern
 def classify(model: nn.Module, head_pattern: str = DEFAULT_HEAD_PATTERN) -> dict[str, str]:
     """Map each trainable parameter name to one of ``matrix, embedding, head, no_decay``."""
     head = re.compile(head_pattern)
-    return {name: _kind(mname, module, p, head) for mname, name, module, p in _trainable(model)}
+    return {name: module_param_kind(mname, module, p, head) for mname, name, module, p in _trainable(model)}
 
 
 def param_groups(model: nn.Module, weight_decay: float | None = None,
@@ -89,7 +91,7 @@ def param_groups(model: nn.Module, weight_decay: float | None = None,
     head = re.compile(head_pattern)
     groups: dict[str, dict[str, Any]] = {}
     for module_name, name, module, p in _trainable(model):
-        kind = _kind(module_name, module, p, head)
+        kind = module_param_kind(module_name, module, p, head)
         group = groups.setdefault(kind, {"name": kind, "params": [], "param_names": []})
         group["params"].append(p)
         group["param_names"].append(name)

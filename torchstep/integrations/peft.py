@@ -51,7 +51,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from ..partition import DEFAULT_HEAD_PATTERN, MATRIX, NO_DECAY, _kind
+from ..partition import DEFAULT_HEAD_PATTERN, MATRIX, NO_DECAY, module_param_kind
 
 __all__ = ["param_groups", "RoutingReport", "ROLES", "LORA_ROLES", "PEFT_GROUPS", "PEFT_DEFAULT_EMBEDDING_LR",
            "peft_decay_parameter_names"]
@@ -156,7 +156,7 @@ def _structure(model: nn.Module) -> tuple[list[_Tensor], bool]:
             continue
         parts = name.split(".")
         owner = ".".join(parts[:-1])
-        kind = _kind(owner, modules.get(owner, model), p, head)
+        kind = module_param_kind(owner, modules.get(owner, model), p, head)
         role, adapter, holder = OTHER, None, None
         for i in range(len(parts) - 1, -1, -1):   # innermost structure wins
             prefix = ".".join(parts[:i])
