@@ -195,25 +195,28 @@ def _ns_error(G: torch.Tensor, O: torch.Tensor) -> tuple[float, float, float]:
     return float((O.double() - polar).norm() / polar.norm()), float(s.min()), float(s.max())
 
 
-def measure_ns_gram(dims=(256, 512, 1024), rounds: int = 3, threads: int = 1,
-                    aspects=(4, 1)) -> list[dict[str, Any]]:
+def measure_ns_gram(dims=(256, 512, 1024), rounds: int = 3, threads: int = 1, aspects=(4, 1),
+                    configs: list[str] | None = None, with_torch: bool = True) -> list[dict[str, Any]]:
     """Newton–Schulz alone and the whole Muon step (one d×(a·d) matrix per d and aspect a) for :data:`NS_CONFIGS` and
     ``torch.optim.Muon`` (bf16, its own iteration): candidates interleaved within every round, one timed
     call each per round after one untimed warm-up call, medians over ``rounds``; plus each configuration's
-    orthogonality error against the float64 SVD polar factor (untimed)."""
+    orthogonality error against the float64 SVD polar factor (untimed).  ``configs`` (labels of
+    :data:`NS_CONFIGS`) and ``with_torch=False`` restrict the candidates (bf16 is emulated on CPUs without
+    native bf16 GEMMs, and dominates the run time there)."""
     from ..ops.newton_schulz import NS_METHODS, default_restarts, flops, newton_schulz  # noqa: F401
     from ..optim import Muon
     from ..optim.matrix import NS_DTYPES
     torch.set_num_threads(threads)
+    configs_used = [c for c in NS_CONFIGS if configs is None or c[0] in configs]
     shapes = [(d, a * d) for a in aspects for d in dims]
     g = torch.Generator().manual_seed(0)
     cases = []
     for shape in shapes:
         G = torch.randn(shape, generator=g)
         ns = {label: (lambda G=G, m=method, dt=NS_DTYPES[dtype]: newton_schulz(G, compute_dtype=dt, method=m))
-              for label, method, dtype in NS_CONFIGS}
+              for label, method, dtype in configs_used}
         steps = {}
-        for label, method, dtype in [("torch.optim.Muon", None, "bfloat16")] + NS_CONFIGS:
+        for label, method, dtype in [("torch.optim.Muon", None, "bfloat16")] * with_torch + configs_used:
             p = torch.zeros(shape, requires_grad=True)
             p.grad = G.clone()
             opt = (torch.optim.Muon([p], lr=0.02, weight_decay=0.0) if method is None else
@@ -231,13 +234,14 @@ def measure_ns_gram(dims=(256, 512, 1024), rounds: int = 3, threads: int = 1,
                         times.setdefault((shape, kind, label), []).append((time.perf_counter() - start) * 1e3)
     rows = []
     for shape, G, ns, _ in cases:
-        ref = statistics.median(times[(shape, "step", "torch.optim.Muon")])
-        for label, method, dtype in NS_CONFIGS:
+        ref = statistics.median(times[(shape, "step", "torch.optim.Muon")]) if with_torch else float("nan")
+        for label, method, dtype in configs_used:
             err = _ns_error(G, ns[label]())
             restarts = default_restarts(5, NS_DTYPES[dtype]) if method == "gram" else ()
             gflop = flops(*shape, method=method, restarts=restarts) / 1e9
             ns_ms = statistics.median(times[(shape, "ns", label)])
-            std_ms = statistics.median(times[(shape, "ns", "standard " + label.split()[-1])])
+            std = (shape, "ns", "standard " + label.split()[-1])
+            std_ms = statistics.median(times[std]) if std in times else float("nan")
             step_ms = statistics.median(times[(shape, "step", label)])
             rows.append(dict(shape=shape, config=label, ns_ms=ns_ms, ns_speedup=std_ms / ns_ms, step_ms=step_ms,
                              step_speedup=ref / step_ms, torch_ms=ref, gflop=gflop, gflops=gflop / (ns_ms / 1e3),
@@ -251,7 +255,7 @@ def ns_gram_table(rows: list[dict[str, Any]]) -> str:
     seen = set()
     for r in rows:
         shape = f"{r['shape'][0]}×{r['shape'][1]}"
-        if shape not in seen:
+        if shape not in seen and r["torch_ms"] == r["torch_ms"]:
             seen.add(shape)
             body.append([shape, "torch.optim.Muon (bf16)", "–", "–", f"{r['torch_ms']:.1f}", "1.00", "–", "–",
                          "= standard bf16", "= standard bf16"])
@@ -270,10 +274,13 @@ if __name__ == "__main__":   # python -m torchstep.bench.speed --ns [--rounds N]
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dims", type=int, nargs="+", default=[256, 512, 1024])
     ap.add_argument("--aspects", type=int, nargs="+", default=[4, 1])
+    ap.add_argument("--configs", nargs="+", default=None, help="subset of NS_CONFIGS labels, e.g. 'gram fp32'")
+    ap.add_argument("--no-torch", action="store_true", help="leave out torch.optim.Muon (bf16)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.ns:
-        text = ns_gram_table(measure_ns_gram(tuple(args.dims), args.rounds, aspects=tuple(args.aspects)))
+        text = ns_gram_table(measure_ns_gram(tuple(args.dims), args.rounds, aspects=tuple(args.aspects),
+                                             configs=args.configs, with_torch=not args.no_torch))
         text += (f"\n\n{args.rounds} interleaved rounds (+1 warm-up), medians; 1 thread; torch {torch.__version__}; "
                  f"{platform.processor() or platform.machine()}")
         print(text)
