@@ -77,6 +77,12 @@ def test_bench_speed_is_a_subcommand_with_its_own_flags(tmp_path, capsys, one_th
     text = path.read_text()
     assert "torch AdamW (fused)" in text and "torchstep lion" in text and "torchstep adamp" not in text
     assert "Muon family" not in text and "1 interleaved rounds × 1 timed steps" in text
+    for device, message in (("nonsense", "invalid --device"), ("cuda", "no CUDA device")):
+        if device == "cuda" and torch.cuda.is_available():
+            continue
+        with pytest.raises(SystemExit):
+            cli.main(["bench", "speed", "--device", device, "--optimizers", "lion"])
+        assert message in capsys.readouterr().err
 
 
 def test_speed_candidates_come_from_the_arms_table():

@@ -99,7 +99,14 @@ def cmd_bench_speed(args: argparse.Namespace) -> None:
     unknown = [x for x in args.optimizers or [] if x not in known]
     if unknown:
         fail(f"unknown optimizer {', '.join(unknown)}; valid: {', '.join(n for n in ARMS if n in known)}")
-    speed.main(rounds=args.rounds, steps=args.steps, optimizers=args.optimizers, out=args.out)
+    import torch
+    try:
+        torch_device = torch.device(args.device)
+    except RuntimeError:
+        fail(f"invalid --device {args.device!r}; valid: a torch device string such as cpu or cuda")
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: no CUDA device is available")
+    speed.main(rounds=args.rounds, steps=args.steps, optimizers=args.optimizers, out=args.out, device=args.device)
 
 
 def cmd_bench_memory(args: argparse.Namespace) -> None:
@@ -326,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--optimizers", nargs="+", default=None, metavar="OPTIMIZER",
                        help="torchstep optimizers to time (default: all; torch AdamW is always timed)")
     speed.add_argument("--out", default=None, metavar="FILE", help="also write the tables to FILE (markdown)")
+    speed.add_argument("--device", default="cpu", help="device to time on (default cpu; e.g. cuda)")
     speed.set_defaults(func=cmd_bench_speed)
     mem = bench_sub.add_parser("memory", help="optimizer-state bytes (exact) and peak memory of one GPT step per arm",
                                description="One forward/backward/step of the byte GPT per arm, each in a fresh "

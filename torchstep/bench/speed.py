@@ -29,11 +29,11 @@ from .arms import ARMS
 SHAPES = [(256, 256)] * 24 + [(256,)] * 24 + [(1024, 512)] * 2
 
 
-def _params(seed: int = 0, shapes=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _params(seed: int = 0, shapes=None, device: str = "cpu") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     shapes = shapes or SHAPES
-    params = [torch.randn(s, generator=g).requires_grad_() for s in shapes]
-    grads = [torch.randn(s, generator=g) * 1e-2 for s in shapes]
+    params = [torch.randn(s, generator=g).to(device).requires_grad_() for s in shapes]
+    grads = [(torch.randn(s, generator=g) * 1e-2).to(device) for s in shapes]
     for p, gr in zip(params, grads):
         p.grad = gr.clone()
     return params, grads
@@ -64,9 +64,10 @@ def candidates() -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimiz
     return out
 
 
-def measure(selected: list[str] | None, rounds: int, steps: int, warmup: int = 3) -> dict[str, list[float]]:
+def measure(selected: list[str] | None, rounds: int, steps: int, warmup: int = 3, device: str = "cpu"
+            ) -> dict[str, list[float]]:
     """Interleaved timing of :func:`candidates` (only the ``selected`` optimizers, plus torch AdamW, when
-    given); returns per-step milliseconds for each candidate.  Sets torch to 1 thread."""
+    given) on ``device``; returns per-step milliseconds for each candidate.  Sets torch to 1 thread."""
     torch.set_num_threads(1)
     builders = candidates()
     if selected:
@@ -74,9 +75,15 @@ def measure(selected: list[str] | None, rounds: int, steps: int, warmup: int = 3
         builders = {k: v for k, v in builders.items() if k.startswith("torch AdamW") or k.split()[-1] in keep}
     setups = {}
     for label, build in builders.items():
-        params, grads = _params()
+        params, grads = _params(device=device)
         setups[label] = (build(params), params, grads)
     return _interleaved(setups, rounds, steps, warmup)
+
+
+def _sync(params: list[torch.Tensor]) -> None:
+    """Wait for the device (CUDA kernels are asynchronous: time the work, not the launch)."""
+    if params and params[0].device.type == "cuda":
+        torch.cuda.synchronize(params[0].device)
 
 
 def _interleaved(setups: dict[str, tuple], rounds: int, steps: int, warmup: int) -> dict[str, list[float]]:
@@ -90,8 +97,10 @@ def _interleaved(setups: dict[str, tuple], rounds: int, steps: int, warmup: int)
             for _ in range(steps):
                 for p, gr in zip(params, grads):
                     p.grad.copy_(gr)
+                _sync(params)
                 start = time.perf_counter()
                 opt.step()
+                _sync(params)
                 times[label].append((time.perf_counter() - start) * 1e3)
     return times
 
@@ -129,12 +138,12 @@ def muon_candidates() -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Op
             "torchstep Lanton (bf16 NS5, Frobenius noise bound)": lambda ps: lanton(ps, lr=0.02, noise_norm="frobenius")}
 
 
-def measure_muon(rounds: int, steps: int, threads: int = 1) -> dict[str, list[float]]:
+def measure_muon(rounds: int, steps: int, threads: int = 1, device: str = "cpu") -> dict[str, list[float]]:
     """Interleaved timing of :func:`muon_candidates` on :data:`MATRIX_SHAPES` with ``threads`` torch threads."""
     torch.set_num_threads(threads)
     setups = {}
     for label, build in muon_candidates().items():
-        params, grads = _params(shapes=MATRIX_SHAPES)
+        params, grads = _params(shapes=MATRIX_SHAPES, device=device)
         setups[label] = (build(params), params, grads)
     return _interleaved(setups, rounds, steps, warmup=1)
 
@@ -152,20 +161,23 @@ HEADERS = ["optimizer", "median ms/step", "× AdamW loop", "× AdamW fused", "py
            "× pytorch-optimizer"]
 
 
-def main(rounds: int = 3, steps: int = 30, optimizers: list[str] | None = None, out: str | None = None) -> str:
+def main(rounds: int = 3, steps: int = 30, optimizers: list[str] | None = None, out: str | None = None,
+         device: str = "cpu") -> str:
     """Print (and with ``out`` write) the step-time table, plus the Muon-family table when ``optimizers`` is
-    None or names ``muon``; returns the text.  ``torchstep bench speed`` calls this."""
+    None or names ``muon``, on ``device`` (``scripts/cuda_check.sh`` runs it on CUDA); returns the text.
+    ``torchstep bench speed`` calls this."""
     from tabulate import tabulate
-    times = measure(optimizers, rounds, steps)
+    times = measure(optimizers, rounds, steps, device=device)
     n_params = sum(torch.Size(s).numel() for s in SHAPES)
     text = tabulate(table(times), headers=HEADERS, tablefmt="github")
     footer = (f"\n\n{len(SHAPES)} tensors, {n_params / 1e6:.2f}M fp32 parameters; {rounds} interleaved rounds × "
-              f"{steps} timed steps; 1 thread; torch {torch.__version__}; {platform.processor() or platform.machine()}")
+              f"{steps} timed steps; 1 thread; torch {torch.__version__}; {platform.processor() or platform.machine()}"
+              + (f"; device {torch.cuda.get_device_name(device)}" if device.startswith("cuda") else ""))
     sections = [text + footer]
     if optimizers is None or "muon" in optimizers:
         from ..ops.newton_schulz import flops
-        for threads in (1, 2):
-            mt = measure_muon(rounds, max(2, steps // 10), threads)
+        for threads in (1, 2) if device == "cpu" else (1,):
+            mt = measure_muon(rounds, max(2, steps // 10), threads, device=device)
             sections.append(f"Muon family, {len(MATRIX_SHAPES)} matrices (16 × 256×256 + 4 × 256×1024), {threads} "
                             f"thread(s); NS5 = {sum(flops(*s) for s in MATRIX_SHAPES) / 1e9:.2f} GFLOP per step:\n\n"
                             + tabulate(muon_table(mt), headers=["optimizer", "median ms/step",
