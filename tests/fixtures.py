@@ -128,10 +128,12 @@ FIXTURES: dict[str, Fixture] = {f.name: f for f in [
         base_kwargs={"fallback_lr": 2e-2},
         configs=(({}, "default"), ({"nesterov": False, "weight_decay": 0.1}, "plain momentum + wd"),
                  ({"adjust_lr": "match_rms_adamw", "lr": 1e-3}, "match_rms_adamw"),
-                 ({"ns_preset": "polar_express5", "ns_dtype": "float32"}, "polar express fp32")),
+                 ({"ns_preset": "polar_express5", "ns_dtype": "float32"}, "polar express fp32"),
+                 ({"ns_method": "gram", "ns_dtype": "float32"}, "gram NS fp32")),
         invalid=_COMMON_INVALID + _WD_INVALID +
         (({"momentum": 1.5}, "momentum"), ({"ns_steps": 0}, "ns_steps"), ({"ns_preset": "x"}, "ns_preset"),
-         ({"adjust_lr": "x"}, "adjust_lr"), ({"fallback_lr": -1.0}, "fallback_lr"), ({"ns_dtype": "x"}, "ns_dtype")),
+         ({"adjust_lr": "x"}, "adjust_lr"), ({"fallback_lr": -1.0}, "fallback_lr"), ({"ns_dtype": "x"}, "ns_dtype"),
+         ({"ns_method": "x"}, "ns_method")),
         quadratic_lr=2e-2, rosenbrock_lr=2e-2),
     Fixture(
         "normuon",
