@@ -48,6 +48,11 @@ def run_steps(opt, params, steps, start=0):
         opt.step()
 
 
+def length_mask(lengths, T, dtype=torch.float64):
+    """``(len(lengths), T)`` padding mask: row i has ``lengths[i]`` leading ones."""
+    return (torch.arange(T) < torch.tensor(lengths).unsqueeze(1)).to(dtype)
+
+
 def clone_params(params):
     return [p.detach().clone().requires_grad_() for p in params]
 

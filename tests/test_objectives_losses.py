@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+from helpers import length_mask
+
 from torchstep.objectives.aggregate import AGGREGATION_MODES, aggregate, gtpo_conflict_token_weights
 from torchstep.objectives.surrogates import (
     cispo_loss, gspo_loss, gspo_sequence_ratio, k3_kl, ppo_clip_loss, two_sided_clip_loss)
@@ -17,9 +19,7 @@ T = max(LENGTHS)
 def _batch(seed=0):
     g = torch.Generator().manual_seed(seed)
     B = len(LENGTHS)
-    mask = torch.zeros(B, T, dtype=torch.float64)
-    for i, n in enumerate(LENGTHS):
-        mask[i, :n] = 1
+    mask = length_mask(LENGTHS, T)
     loss = torch.randn(B, T, generator=g, dtype=torch.float64)
     w = mask * (0.5 + torch.rand(B, T, generator=g, dtype=torch.float64))  # mask × token weights
     return loss, w, mask

@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from helpers import length_mask
+
 from torchstep.objectives.advantages import (bnpo_advantages, drgrpo_advantages, grpo_advantages,
                                              reinforce_pp_baseline_advantages, rloo_advantages)
 from torchstep.objectives.aggregate import aggregate
@@ -20,9 +22,7 @@ KW = {"cispo": {"eps_max": 1.1}}
 def _batch(seed=0):
     g = torch.Generator().manual_seed(seed)
     B = len(LENGTHS)
-    mask = torch.zeros(B, T, dtype=torch.float64)
-    for i, n in enumerate(LENGTHS):
-        mask[i, :n] = 1
+    mask = length_mask(LENGTHS, T)
     rewards = torch.tensor([1., 0., 1., 0., 0., 1., 0.], dtype=torch.float64)
     old = -torch.rand(B, T, generator=g, dtype=torch.float64) - 0.5
     logp = (old + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)).requires_grad_(True)
