@@ -33,6 +33,7 @@ import torch
 from ..ops.curves import warmup_cosine
 from . import corpus
 from .gpt import GPT, GPTConfig
+from .tasks import byte_windows
 
 TOPICS = "pydoc-topics-3.11.7.json.xz"
 TOPICS_SHA256 = "4594d824487ea711258725d3dd158b2a0bfdea6bccd9f358421913684e2dfcfd"
@@ -69,10 +70,7 @@ def model_config(o: dict) -> GPTConfig:
 def batches(source: torch.Tensor, context: int, batch: int, seed: int):
     """``step → (inputs, targets)``: random windows of ``source``, the same for every arm (paired seeds)."""
     def draw(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        start = torch.randint(0, len(source) - context - 1, (batch,), generator=g)
-        chunk = torch.stack([source[s:s + context + 1] for s in start.tolist()]).long()
-        return chunk[:, :-1], chunk[:, 1:]
+        return byte_windows(source, context, batch, torch.Generator().manual_seed(seed * 1_000_003 + step))
     return draw
 
 

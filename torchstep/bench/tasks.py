@@ -262,6 +262,13 @@ def mnist1d_mlp(seed: int, o: dict) -> Problem:
 
 
 # ----------------------------------------------------------------------------- language model
+def byte_windows(source: torch.Tensor, context: int, batch: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` random windows of ``source`` drawn with ``g``: ``(inputs, next-byte targets)``, each ``(batch, context)``."""
+    start = torch.randint(0, len(source) - context - 1, (batch,), generator=g)
+    chunk = torch.stack([source[s:s + context + 1] for s in start.tolist()]).long()
+    return chunk[:, :-1], chunk[:, 1:]
+
+
 def gpt_bytes(seed: int, o: dict) -> Problem:
     train, val = corpus.load()
     cfg = GPTConfig(context=o["context"], width=o["width"], depth=o["depth"], heads=o["heads"], norm=o["norm"],
@@ -271,9 +278,7 @@ def gpt_bytes(seed: int, o: dict) -> Problem:
     T, B = cfg.context, o["batch"]
 
     def batch(source, g):
-        start = torch.randint(0, len(source) - T - 1, (B,), generator=g)
-        chunk = torch.stack([source[s:s + T + 1] for s in start.tolist()]).long()
-        return chunk[:, :-1], chunk[:, 1:]
+        return byte_windows(source, T, B, g)
 
     def train_batch(step):
         return batch(train, torch.Generator().manual_seed(seed * 1_000_003 + step))
