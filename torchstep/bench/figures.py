@@ -22,6 +22,16 @@ def colour(arm: str):
     return matplotlib.colormaps["Dark2"](i - 20) if i < 28 else matplotlib.colormaps["tab20b"]((i - 28) % 20)
 
 
+def seed_band(ax, runs: list[list[tuple]], color, label: str, x=None, alpha: float = 0.2) -> None:
+    """Plot the mean over seeds of curves ``runs`` (``[(step, value, …), …]`` each, cut to the shortest) with a
+    min–max band, against their steps or the given ``x``."""
+    n = min(len(c) for c in runs)
+    vals = np.array([[p[1] for p in c[:n]] for c in runs])
+    x = np.array([p[0] for p in runs[0][:n]]) if x is None else x
+    ax.plot(x, vals.mean(0), color=color, label=label)
+    ax.fill_between(x, vals.min(0), vals.max(0), color=color, alpha=alpha)
+
+
 def write_figures(a: dict[str, Any], fig_dir: str | Path) -> list[str]:
     """Write the figures for analysis ``a`` (see :func:`.analysis.analyse`) into ``fig_dir``; returns file names.
 
@@ -42,12 +52,9 @@ def write_figures(a: dict[str, Any], fig_dir: str | Path) -> list[str]:
             seeds = [c for c in seeds if c]
             if seeds:
                 n = min(len(c) for c in seeds)
-                steps = np.array([p[0] for p in seeds[0][:n]])
-                vals = np.array([[p[1] for p in c[:n]] for c in seeds])
                 cpu = np.mean([[p[2] for p in c[:n]] for c in seeds], axis=0)
-                for ax, x in ((axes[0], steps), (axes[1], cpu)):
-                    ax.plot(x, vals.mean(0), color=colour(arm), label=f"{arm} (lr {e['lr']:g})")
-                    ax.fill_between(x, vals.min(0), vals.max(0), color=colour(arm), alpha=0.2)
+                for ax, x in ((axes[0], None), (axes[1], cpu)):
+                    seed_band(ax, seeds, colour(arm), f"{arm} (lr {e['lr']:g})", x=x)
             grid = e["grid"]
             if grid:
                 lrs, finals = zip(*grid)

@@ -107,7 +107,7 @@ def write_figures(db: str | Path, a: dict[str, Any], fig_dir: str | Path) -> lis
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from .figures import colour
+    from .figures import colour, seed_band
     made = []
     for task in tasks:
         k = KINDS[TASKS[task].kind]
@@ -118,11 +118,7 @@ def write_figures(db: str | Path, a: dict[str, Any], fig_dir: str | Path) -> lis
                 runs = [c for c in (series[name].get(t, []) for t in e["trial_ids"].values()) if c]
                 if not runs:
                     continue
-                n = min(len(c) for c in runs)
-                x = np.array([p[0] for p in runs[0][:n]])
-                v = np.array([[p[1] for p in c[:n]] for c in runs])
-                ax.plot(x, v.mean(0), color=colour(arm), label=f"{arm} (lr {e['lr']:g})")
-                ax.fill_between(x, v.min(0), v.max(0), color=colour(arm), alpha=0.15)
+                seed_band(ax, runs, colour(arm), f"{arm} (lr {e['lr']:g})", alpha=0.15)
                 ax.set_title(label, fontsize=10)
                 ax.set_xlabel("step")
         axes[0].legend(fontsize=7, ncol=2)
