@@ -433,7 +433,7 @@ class RobustHookState:
     process_group: object = None
 
 
-def robust_comm_hook(state: RobustHookState, bucket) -> torch.futures.Future:
+def robust_comm_hook(state: RobustHookState, bucket):   # no annotations: DDP rejects string annotations
     """DDP communication hook: all-gather the bucket's flat gradient from every rank, aggregate the ``world``
     gradients with ``state.rule`` and return the aggregate (identical on every rank: same inputs, deterministic
     rule; bitwise on CPU).  Register with ``ddp_model.register_comm_hook(RobustHookState(...), robust_comm_hook)``.
@@ -441,17 +441,19 @@ def robust_comm_hook(state: RobustHookState, bucket) -> torch.futures.Future:
     The rule sees one bucket at a time, so selection rules (Krum) and the flag subspace are computed per bucket;
     build DDP with a ``bucket_cap_mb`` larger than the model to aggregate the whole gradient at once.  The
     result replaces DDP's mean (with ``"flag"``, ``scale="official"`` changes its norm to ~world/r).
+    Returns a ``torch.futures.Future[Tensor]`` (``bucket`` is a ``dist.GradBucket``).
     """
     import torch.distributed as dist
 
     group = state.process_group
     buf = bucket.buffer()
     world = dist.get_world_size(group)
-    gathered = torch.empty((world, buf.numel()), dtype=buf.dtype, device=buf.device)
-    work = dist.all_gather_into_tensor(gathered, buf, group=group, async_op=True)
+    flat = torch.empty(world * buf.numel(), dtype=buf.dtype, device=buf.device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor   # renamed in torch 2.13
+    work = gather(flat, buf.reshape(-1), group=group, async_op=True)
 
     def finish(_fut) -> Tensor:
-        out = robust_aggregate(gathered, state.rule, f=state.f, **state.options)
+        out = robust_aggregate(flat.view(world, -1), state.rule, f=state.f, **state.options)
         return out.reshape(buf.shape).to(buf.dtype)
 
     return work.get_future().then(finish)
