@@ -147,6 +147,39 @@ def step_of(state: dict[str, Any]) -> int:
     return int(state["step"])
 
 
+from ._dtensor import is_dtensor as _is_dtensor  # noqa: E402  (FSDP2: DTensor gradients)
+
+
+def _global_finite_flags(grads: list[Tensor]) -> list[bool]:
+    """Finite flags of DTensor gradients (FSDP2 shards) that every rank agrees on: the local squared norms
+    (float64 of the same norms the plain path uses) are summed over the sharded mesh dimensions — one
+    stacked all-reduce per mesh and set of sharded dims, usually one per step — so a NaN/inf in any rank's
+    shard, or a global norm that overflows the gradient's norm dtype, skips the parameter on every rank.
+    Replicated mesh dimensions hold identical shards and are not reduced."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Replicate
+
+    keys: dict[tuple, list[int]] = {}
+    for i, g in enumerate(grads):
+        dims = tuple(d for d, pl in enumerate(g.placements) if not isinstance(pl, Replicate))
+        keys.setdefault((id(g.device_mesh), dims), []).append(i)
+    flags: list[bool] = [True] * len(grads)
+    for (_, dims), idx in keys.items():
+        locals_ = [grads[i].to_local() for i in idx]
+        norm_dtypes = [torch.float32 if g.dtype in _LOW_PRECISION else g.dtype for g in locals_]
+        device = locals_[0].device
+        sq = torch.stack([torch.linalg.vector_norm(g, dtype=dt).to(device=device, dtype=torch.float64).square()
+                          for g, dt in zip(locals_, norm_dtypes)])
+        mesh = grads[idx[0]].device_mesh
+        for d in dims:
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=mesh.get_group(d))
+        total = sq.sqrt()
+        ok = torch.stack([n.to(dt).isfinite() for n, dt in zip(total, norm_dtypes)]).tolist()
+        for i, f in zip(idx, ok):
+            flags[i] = f
+    return flags
+
+
 class TorchstepOptimizer(torch.optim.Optimizer):
     """Runs rules: see the module docstring for the policies every optimizer inherits.
 
@@ -197,10 +230,16 @@ class TorchstepOptimizer(torch.optim.Optimizer):
         bf16/fp16: ‖g‖ ≳ 1.8e19), which would make g² or ‖g‖ inf inside the rules."""
         if not grads:
             return []
-        norms = [torch.linalg.vector_norm(g, dtype=torch.float32) if g.dtype in _LOW_PRECISION
-                 else torch.linalg.vector_norm(g) for g in grads]
-        device = norms[0].device
-        return torch.stack([n.to(device=device, dtype=torch.float64) for n in norms]).isfinite().tolist()
+        sharded = [i for i, g in enumerate(grads) if _is_dtensor(g)]
+        if not sharded:
+            norms = [torch.linalg.vector_norm(g, dtype=torch.float32) if g.dtype in _LOW_PRECISION
+                     else torch.linalg.vector_norm(g) for g in grads]
+            device = norms[0].device
+            return torch.stack([n.to(device=device, dtype=torch.float64) for n in norms]).isfinite().tolist()
+        flags = dict(zip(sharded, _global_finite_flags([grads[i] for i in sharded])))
+        plain = [i for i in range(len(grads)) if i not in flags]
+        flags.update(zip(plain, TorchstepOptimizer._finite_flags([grads[i] for i in plain])))
+        return [flags[i] for i in range(len(grads))]
 
     def _finite_only(self, items: list[tuple[dict[str, Any], Tensor, Tensor]], what: str
                      ) -> list[tuple[dict[str, Any], Tensor, Tensor]]:
