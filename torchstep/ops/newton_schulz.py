@@ -166,25 +166,64 @@ def newton_schulz_many(matrices: Sequence[Tensor], **kwargs) -> list[Tensor]:
     return out  # type: ignore[return-value]
 
 
+def _wire(result: Tensor) -> Tensor:
+    """A result in the memory order :func:`newton_schulz` produced it (tall matrices are transposed views of
+    a contiguous wide one), flattened — so a receiver rebuilds the same strides with :func:`_unwire`."""
+    return (result.mT if result.shape[-2] > result.shape[-1] else result).reshape(-1)
+
+
+def _unwire(flat: Tensor, shape: torch.Size) -> Tensor:
+    if shape[-2] > shape[-1]:
+        return flat.view(*shape[:-2], shape[-1], shape[-2]).mT
+    return flat.view(shape)
+
+
 def newton_schulz_many_split(matrices: Sequence[Tensor], group=None, **kwargs) -> list[Tensor]:
-    """Data-parallel variant of :func:`newton_schulz_many`: rank r orthogonalises matrices r, r+W, …
-    (W = world size), then every result is broadcast from its owner — the same output on every rank
-    as the unsplit call, with 1/W of the Newton–Schulz work per rank.  Falls back to the unsplit call
-    when ``torch.distributed`` is not initialised."""
+    """Data-parallel variant of :func:`newton_schulz_many` (DDP: every rank holds every matrix).
+
+    Each matrix is given to one owner rank by the cost-balanced LPT plan
+    (:func:`torchstep.ops.sharding.owner_plan`, cost m·n·min(m, n)); each rank orthogonalises its own
+    matrices (batched by shape), then every owner broadcasts **one flat buffer** with all its results (one
+    broadcast per owner and dtype, not one per matrix).  The output is bitwise the unsplit call's on every
+    rank (same values, and the same strides: results travel in the memory order NS produced them), with
+    about 1/W of the Newton–Schulz work per rank.
+
+    Args:
+        matrices: the (…, m, n) tensors, identical on every rank (the plan only reads shapes).
+        group: the process group (default: the world).
+        **kwargs: :func:`newton_schulz`'s arguments.
+
+    Falls back to the unsplit call when ``torch.distributed`` is not initialised.  Traffic: each owner sends
+    its results' bytes once per broadcast (``exchange_bytes(..., sharded=False)`` in
+    :mod:`torchstep.ops.sharding`); memory: one flat buffer per owner at a time."""
     import torch.distributed as dist
+
+    from .sharding import owner_plan
     if not (dist.is_available() and dist.is_initialized()):
         return newton_schulz_many(matrices, **kwargs)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    mine = list(range(rank, len(matrices), world))
+    plan = owner_plan([tuple(m.shape) for m in matrices], world)
+    mine = [i for i, o in enumerate(plan) if o == rank]
     done = dict(zip(mine, newton_schulz_many([matrices[i] for i in mine], **kwargs)))
-    out = []
-    for i, m in enumerate(matrices):
-        # contiguous: a tall result is a transposed view, and collectives send memory order
-        result = done[i].contiguous() if i in done else torch.empty(m.shape, dtype=m.dtype, device=m.device)
-        dist.broadcast(result, src=dist.get_global_rank(group, i % world) if group is not None else i % world,
-                       group=group)
-        out.append(result)
-    return out
+    out: list[Tensor | None] = [None] * len(matrices)
+    for owner in range(world):
+        buckets: dict[tuple, list[int]] = {}
+        for i, o in enumerate(plan):
+            if o == owner:
+                buckets.setdefault((matrices[i].dtype, matrices[i].device), []).append(i)
+        for (dtype, device), idx in buckets.items():
+            if owner == rank:
+                flat = torch.cat([_wire(done[i]) for i in idx])
+            else:
+                flat = torch.empty(sum(matrices[i].numel() for i in idx), dtype=dtype, device=device)
+            dist.broadcast(flat, src=dist.get_global_rank(group, owner) if group is not None else owner,
+                           group=group)
+            offset = 0
+            for i in idx:
+                numel = matrices[i].numel()
+                out[i] = done[i] if owner == rank else _unwire(flat[offset:offset + numel], matrices[i].shape)
+                offset += numel
+    return out  # type: ignore[return-value]
 
 
 def singular_value_bound(steps: int = 5, preset: str | Preset | Sequence = "quintic", grid: int = 1 << 20) -> float:

@@ -14,13 +14,13 @@ from torch import Tensor
 from ..ops.shapes import as_matrix
 from ._base import check_choice, check_range, step_of
 from .matrix import (MatrixRule, certified_spectral_scale, check_newton_schulz, init_momentum, momentum_direction,
-                     newton_schulz_lmo, sign_lmo)
+                     newton_schulz_lmo, sign_lmo, zeros_scalar)
 from .muon import Muon
 
 
 def _init(p, state, group):
     init_momentum(p, state, group)
-    state["noise_sq"] = torch.zeros((), dtype=p.dtype, device=p.device)
+    state["noise_sq"] = zeros_scalar(p)
     if group["noise_estimator"] == "previous_gradient":
         state["previous_grad"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 

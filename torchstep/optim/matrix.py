@@ -9,6 +9,13 @@ A :class:`MatrixRule` is composed, not subclassed: for a group's tensors it runs
 5. ``layer_factors(states, group)`` — per-tensor lr multipliers that depend on the whole group (Lanton);
 6. ``θ ← θ(1 − ηλ) − η·scale(u, group)·factor·u`` — decoupled decay with the base lr, then the step.
 
+Under FSDP2 (``fully_shard``: parameters, gradients and state are DTensors sharded on dim 0) stage 3 never
+sees a row block: :func:`owner_lmo` gathers each whole direction matrix on one owner rank (the cost-balanced
+plan of :func:`torchstep.ops.sharding.owner_plan`), runs the LMO there once, and sends every rank its rows of
+the result; stages 1, 4, 5 and 6 run on DTensors (row statistics stay local, Frobenius norms and other
+whole-matrix reductions become all-reduces by DTensor's sharding rules).  Single-process and DDP tensors
+take the plain path unchanged.
+
 A new matrix method is its rule (a ``MatrixRule(...)`` of stages from here or its own file) plus a
 :class:`~torchstep.optim.hybrid.MatrixHybrid` class naming it.
 """
@@ -23,7 +30,13 @@ from torch import Tensor
 
 from ..ops.newton_schulz import NS_METHODS, PRESETS, newton_schulz_many, newton_schulz_many_split, singular_value_bound
 from ..ops.shapes import SHAPE_SCALES, as_matrix, shape_scale
+from ..ops.sharding import matrix_dims, owner_plan, shard_rows
 from ._base import Rule, check_choice, check_range, decay_, scalar
+
+try:   # torch built without distributed: no DTensor, every tensor takes the plain path
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # pragma: no cover
+    DTensor = None  # type: ignore[assignment,misc]
 
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
@@ -82,7 +95,10 @@ class MatrixRule(Rule):
     def update(self, params, grads, states, group):
         lr = scalar(group["lr"])
         directions = [self.direction(g, s, group) for g, s in zip(grads, states)]
-        updates = self.lmo([as_matrix(d) if d.dim() >= 2 else d for d in directions], group)
+        if DTensor is not None and any(isinstance(d, DTensor) for d in directions):
+            updates = owner_lmo(self.lmo, directions, group)
+        else:
+            updates = self.lmo([as_matrix(d) if d.dim() >= 2 else d for d in directions], group)
         if self.post is not None:
             updates = [self.post(u, s, group) for u, s in zip(updates, states)]
         factors = self.layer_factors(states, group) if self.layer_factors is not None else [None] * len(params)
@@ -91,6 +107,168 @@ class MatrixRule(Rule):
                 u = u * factor
             decay_(p, lr, group["weight_decay"])
             p.add_(u.reshape_as(p), alpha=-lr * self.scale(u, group))
+
+
+# ---------------------------------------------------------------------- sharded (FSDP2) LMO
+#: Counters of :func:`owner_lmo` on this rank (plain ints, no device sync): bytes sent to other ranks,
+#: elements of LMO input this rank gathered as owner, and its NS work Σ m·n·min(m, n).  Reset by assigning 0.
+OWNER_STATS = {"calls": 0, "bytes_sent": 0, "bytes_received": 0, "work": 0}
+
+
+def _layout(d: Tensor) -> tuple[str, Any]:
+    """``("shard", mesh)`` for a 1-D-mesh ``Shard(0)`` DTensor, ``("full", None)`` for a replicated DTensor or
+    a plain tensor; anything else (HSDP 2-D meshes, ``Shard(1)``, tensor parallelism) is refused."""
+    if not isinstance(d, DTensor):
+        return "full", None
+    placements = d.placements
+    if all(isinstance(pl, Replicate) for pl in placements):
+        return "full", None
+    if d.device_mesh.ndim == 1 and d.dim() >= 1 and isinstance(placements[0], Shard) and placements[0].dim == 0:
+        return "shard", d.device_mesh
+    raise NotImplementedError(f"matrix rules support DTensors sharded Shard(0) on a 1-D mesh or replicated, "
+                              f"got placements {placements} on a {d.device_mesh.ndim}-D mesh")
+
+
+def _exchange(send: list[list[Tensor]], recv_numel: list[int], dtype: torch.dtype, device: torch.device,
+              pg: Any) -> list[Tensor]:
+    """One ``all_to_all_single``: ``send[r]`` (pieces, concatenated) goes to rank r; returns the flat block
+    received from each rank (``recv_numel[r]`` elements)."""
+    import torch.distributed as dist
+    rank = dist.get_rank(pg)
+    in_splits = [sum(t.numel() for t in pieces) for pieces in send]
+    flat = torch.cat([t.reshape(-1) for pieces in send for t in pieces]) if sum(in_splits) else \
+        torch.empty(0, dtype=dtype, device=device)
+    out = torch.empty(sum(recv_numel), dtype=dtype, device=device)
+    dist.all_to_all_single(out, flat.to(dtype), recv_numel, in_splits, group=pg)
+    size = torch.tensor([], dtype=dtype).element_size()
+    OWNER_STATS["bytes_sent"] += size * (sum(in_splits) - in_splits[rank])
+    OWNER_STATS["bytes_received"] += size * (sum(recv_numel) - recv_numel[rank])
+    return list(out.split(recv_numel))
+
+
+def owner_lmo(lmo: Stage, directions: list[Tensor], group: dict) -> list[Tensor]:
+    """Run a whole-matrix ``lmo`` on row-sharded DTensor directions: each matrix once, on its owner.
+
+    For the matrices ``D_i`` (global ``m_i × n_i`` after the (out, prod(rest)) flattening) sharded on dim 0
+    over a 1-D mesh of W ranks (FSDP2's ``torch.chunk`` layout: ⌈m/W⌉ rows per rank, trailing ranks short or
+    empty — :func:`torchstep.ops.sharding.shard_rows`):
+
+    1. every rank computes the same owner plan ``o_i`` (:func:`torchstep.ops.sharding.owner_plan`, LPT on
+       m·n·min(m, n)) from the global shapes alone — no communication;
+    2. one ``all_to_all_single`` per dtype sends each rank's row block of ``D_i`` to ``o_i``; the owner
+       concatenates the blocks in rank order into the full ``D_i``;
+    3. the owner runs ``lmo`` on all its full matrices in one call (so Newton–Schulz stays batched by shape);
+    4. a second ``all_to_all_single`` sends every rank its rows of each result, returned as a DTensor with
+       the direction's mesh, placement and global shape.
+
+    Replicated DTensors and plain tensors in the list are computed locally on every rank (in the same
+    ``lmo`` call).  The result equals the single-process LMO of the full matrices up to the LMO's own
+    rounding (the same kernels on the same full matrix: bitwise in practice on CPU).
+
+    Args:
+        lmo: ``lmo(matrices, group) -> list`` on full tensors (2-D matrices; 0-/1-D vectors for sign LMOs).
+        directions: the per-tensor directions (DTensors or plain tensors, any shape).
+        group: the parameter group; ``split_across_ranks`` is switched off inside (the owner already holds
+            a share of the work).
+
+    Communication per matrix: ``2·(1 − 1/W)·m·n`` elements in total, two collectives per group and dtype
+    per step (:func:`torchstep.ops.sharding.exchange_bytes`).  Memory: an owner holds its matrices in full
+    (and their results) during the call; other ranks hold only their blocks.  Deviation from dion's
+    ``megabatch`` all_to_all: no zero-padding of shards or matrix lists (uneven splits are sent as they are).
+    """
+    import torch.distributed as dist
+    layouts = [_layout(d) for d in directions]
+    sharded = [i for i, (kind, _) in enumerate(layouts) if kind == "shard"]
+    mesh = layouts[sharded[0]][1] if sharded else None
+    if any(layouts[i][1] != mesh for i in sharded):   # FSDP2 gives each fully_shard call an equal mesh object
+        raise NotImplementedError("owner_lmo: every sharded tensor of a group must live on the same device mesh")
+    inner = {**group, "split_across_ranks": False}
+
+    def full_view(d: Tensor) -> Tensor:   # the LMO's input form of a full tensor
+        d = d.full_tensor() if isinstance(d, DTensor) else d
+        return as_matrix(d) if d.dim() >= 2 else d
+
+    def wrap(r: Tensor, d: Tensor) -> Tensor:   # a full result back in the direction's (replicated) layout
+        return DTensor.from_local(r, d.device_mesh, d.placements, run_check=False) if isinstance(d, DTensor) else r
+
+    if not sharded:
+        return [wrap(r, d) for r, d in zip(lmo([full_view(d) for d in directions], inner), directions)]
+    pg = mesh.get_group(0)
+    rank, world = dist.get_rank(pg), dist.get_world_size(pg)
+    dims = {i: matrix_dims(directions[i].shape) for i in sharded}
+    rows = {i: shard_rows(dims[i][0], world) for i in sharded}
+    plan = dict(zip(sharded, owner_plan([dims[i] for i in sharded], world)))
+    local = {}
+    for i in sharded:
+        t = directions[i].to_local()
+        if t.shape[0] != rows[i][rank]:
+            raise RuntimeError(f"owner_lmo: local shard of a {tuple(directions[i].shape)} DTensor has "
+                               f"{t.shape[0]} rows on rank {rank}, expected {rows[i][rank]} (torch.chunk layout)")
+        local[i] = t.reshape(t.shape[0], dims[i][1])
+    mine = [i for i in sharded if plan[i] == rank]
+    OWNER_STATS["calls"] += 1
+    OWNER_STATS["work"] += sum(m * n * min(m, n) for m, n in (dims[i] for i in mine))
+
+    full: dict[int, Tensor] = {}
+    result_local: dict[int, Tensor] = {}
+    buckets: dict[tuple, list[int]] = {}
+    for i in sharded:
+        buckets.setdefault((local[i].dtype, local[i].device), []).append(i)
+    for (dtype, device), idx in buckets.items():
+        own = [i for i in idx if plan[i] == rank]
+        blocks = _exchange([[local[i] for i in idx if plan[i] == r] for r in range(world)],
+                           [sum(rows[i][r] * dims[i][1] for i in own) for r in range(world)], dtype, device, pg)
+        pieces: dict[int, list[Tensor]] = {i: [] for i in own}
+        for r, block in enumerate(blocks):
+            for piece, i in zip(block.split([rows[i][r] * dims[i][1] for i in own]), own):
+                pieces[i].append(piece.view(rows[i][r], dims[i][1]))
+        for i in own:
+            full[i] = torch.cat(pieces[i])
+            if directions[i].dim() < 2:
+                full[i] = full[i].reshape(directions[i].shape)
+    others = [i for i in range(len(directions)) if i not in plan]
+    todo = [i for i in sharded if i in full] + others
+    results = dict(zip(todo, lmo([full[i] if i in full else full_view(directions[i]) for i in todo], inner)))
+    for (dtype, device), idx in buckets.items():
+        own = [i for i in idx if plan[i] == rank]
+        offsets = {i: [sum(rows[i][:r]) for r in range(world)] for i in own}
+        send = [[results[i].reshape(dims[i][0], dims[i][1])[offsets[i][r]:offsets[i][r] + rows[i][r]]
+                 .to(dtype) for i in own] for r in range(world)]
+        blocks = _exchange(send, [sum(rows[i][rank] * dims[i][1] for i in idx if plan[i] == r)
+                                  for r in range(world)], dtype, device, pg)
+        for r, block in enumerate(blocks):
+            theirs = [i for i in idx if plan[i] == r]
+            for piece, i in zip(block.split([rows[i][rank] * dims[i][1] for i in theirs]), theirs):
+                result_local[i] = piece.view(rows[i][rank], *((dims[i][1],) if directions[i].dim() >= 2
+                                                              else directions[i].shape[1:]))
+    out = []
+    for i, d in enumerate(directions):
+        if i not in plan:
+            out.append(wrap(results[i], d))
+            continue
+        shape = torch.Size(dims[i]) if d.dim() >= 2 else d.shape
+        stride = (dims[i][1], 1) if d.dim() >= 2 else d.stride()
+        out.append(DTensor.from_local(result_local[i], mesh, d.placements, run_check=False, shape=shape,
+                                      stride=stride))
+    return out
+
+
+def zeros_rows(p: Tensor, cols: int = 1) -> Tensor:
+    """A zero ``(p.shape[0], cols)`` row statistic of ``p``'s dtype/device; for a DTensor parameter a DTensor
+    on its mesh with its placements (``Shard(0)`` rows follow the parameter's rows)."""
+    if DTensor is not None and isinstance(p, DTensor):
+        import torch.distributed.tensor as dt
+        return dt.zeros((p.shape[0], cols), dtype=p.dtype, device_mesh=p.device_mesh, placements=p.placements)
+    return torch.zeros(p.shape[0], cols, dtype=p.dtype, device=p.device)
+
+
+def zeros_scalar(p: Tensor) -> Tensor:
+    """A zero 0-D statistic of ``p``'s dtype/device; for a DTensor parameter a replicated DTensor."""
+    if DTensor is not None and isinstance(p, DTensor):
+        import torch.distributed.tensor as dt
+        return dt.zeros((), dtype=p.dtype, device_mesh=p.device_mesh,
+                        placements=[Replicate()] * p.device_mesh.ndim)
+    return torch.zeros((), dtype=p.dtype, device=p.device)
 
 
 # ---------------------------------------------------------------------- stages shared by several rules

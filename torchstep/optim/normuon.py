@@ -8,7 +8,8 @@ import torch
 
 from ..ops.shapes import SHAPE_SCALES, shape_scale
 from ._base import check_choice, check_range, invalid
-from .matrix import MatrixRule, check_newton_schulz, init_momentum, momentum_direction, newton_schulz_lmo
+from .matrix import (MatrixRule, check_newton_schulz, init_momentum, momentum_direction, newton_schulz_lmo,
+                     zeros_rows)
 from .muon import Muon
 
 #: paper-mode default lr: update RMS 0.2·η = 6e-4, Keller's lr 0.02 on a 1024-wide matrix (0.02/√1024)
@@ -26,7 +27,7 @@ def _direction(grad, state, group):
 
 def _init(p, state, group):
     init_momentum(p, state, group)
-    state["row_second_moment"] = torch.zeros(p.shape[0], 1, dtype=p.dtype, device=p.device)
+    state["row_second_moment"] = zeros_rows(p)
 
 
 def _normalise_rows(u, state, group):
