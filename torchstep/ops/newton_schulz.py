@@ -178,6 +178,12 @@ def _unwire(flat: Tensor, shape: torch.Size) -> Tensor:
     return flat.view(shape)
 
 
+#: Counters of :func:`newton_schulz_many_split` on this rank (plain ints, no device sync): broadcasts issued,
+#: payload bytes this rank broadcast as owner / received from other owners, and its NS work Σ m·n·min(m, n).
+#: Reset by assigning 0.
+SPLIT_STATS = {"calls": 0, "broadcasts": 0, "bytes_broadcast": 0, "bytes_received": 0, "work": 0}
+
+
 def newton_schulz_many_split(matrices: Sequence[Tensor], group=None, **kwargs) -> list[Tensor]:
     """Data-parallel variant of :func:`newton_schulz_many` (DDP: every rank holds every matrix).
 
@@ -198,13 +204,15 @@ def newton_schulz_many_split(matrices: Sequence[Tensor], group=None, **kwargs) -
     :mod:`torchstep.ops.sharding`); memory: one flat buffer per owner at a time."""
     import torch.distributed as dist
 
-    from .sharding import owner_plan
+    from .sharding import ns_cost as ns_work, owner_plan
     if not (dist.is_available() and dist.is_initialized()):
         return newton_schulz_many(matrices, **kwargs)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     plan = owner_plan([tuple(m.shape) for m in matrices], world)
     mine = [i for i, o in enumerate(plan) if o == rank]
     done = dict(zip(mine, newton_schulz_many([matrices[i] for i in mine], **kwargs)))
+    SPLIT_STATS["calls"] += 1
+    SPLIT_STATS["work"] += sum(ns_work(matrices[i].shape) for i in mine)
     out: list[Tensor | None] = [None] * len(matrices)
     for owner in range(world):
         buckets: dict[tuple, list[int]] = {}
@@ -218,6 +226,8 @@ def newton_schulz_many_split(matrices: Sequence[Tensor], group=None, **kwargs) -
                 flat = torch.empty(sum(matrices[i].numel() for i in idx), dtype=dtype, device=device)
             dist.broadcast(flat, src=dist.get_global_rank(group, owner) if group is not None else owner,
                            group=group)
+            SPLIT_STATS["broadcasts"] += 1
+            SPLIT_STATS["bytes_broadcast" if owner == rank else "bytes_received"] += flat.numel() * flat.element_size()
             offset = 0
             for i in idx:
                 numel = matrices[i].numel()

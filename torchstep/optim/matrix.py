@@ -22,6 +22,7 @@ A new matrix method is its rule (a ``MatrixRule(...)`` of stages from here or it
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -33,10 +34,14 @@ from ..ops.shapes import SHAPE_SCALES, as_matrix, shape_scale
 from ..ops.sharding import matrix_dims, owner_plan, shard_rows
 from ._base import Rule, check_choice, check_range, decay_, scalar
 
-try:   # torch built without distributed: no DTensor, every tensor takes the plain path
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # pragma: no cover
-    DTensor = None  # type: ignore[assignment,misc]
+
+
+def dtensor_class() -> type | None:
+    """``torch.distributed.tensor.DTensor`` if that module is loaded, else None — no tensor can be a DTensor
+    before it is, so the check costs one dict lookup and ``import torchstep`` does not pay DTensor's ~1.4 s
+    import (measured on this machine)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
 
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
@@ -95,7 +100,8 @@ class MatrixRule(Rule):
     def update(self, params, grads, states, group):
         lr = scalar(group["lr"])
         directions = [self.direction(g, s, group) for g, s in zip(grads, states)]
-        if DTensor is not None and any(isinstance(d, DTensor) for d in directions):
+        dtensor = dtensor_class()
+        if dtensor is not None and any(isinstance(d, dtensor) for d in directions):
             updates = owner_lmo(self.lmo, directions, group)
         else:
             updates = self.lmo([as_matrix(d) if d.dim() >= 2 else d for d in directions], group)
@@ -118,6 +124,7 @@ OWNER_STATS = {"calls": 0, "bytes_sent": 0, "bytes_received": 0, "work": 0}
 def _layout(d: Tensor) -> tuple[str, Any]:
     """``("shard", mesh)`` for a 1-D-mesh ``Shard(0)`` DTensor, ``("full", None)`` for a replicated DTensor or
     a plain tensor; anything else (HSDP 2-D meshes, ``Shard(1)``, tensor parallelism) is refused."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
     if not isinstance(d, DTensor):
         return "full", None
     placements = d.placements
@@ -139,8 +146,8 @@ def _exchange(send: list[list[Tensor]], recv_numel: list[int], dtype: torch.dtyp
     flat = torch.cat([t.reshape(-1) for pieces in send for t in pieces]) if sum(in_splits) else \
         torch.empty(0, dtype=dtype, device=device)
     out = torch.empty(sum(recv_numel), dtype=dtype, device=device)
-    dist.all_to_all_single(out, flat.to(dtype), recv_numel, in_splits, group=pg)
-    size = torch.tensor([], dtype=dtype).element_size()
+    dist.all_to_all_single(out, flat, recv_numel, in_splits, group=pg)
+    size = out.element_size()
     OWNER_STATS["bytes_sent"] += size * (sum(in_splits) - in_splits[rank])
     OWNER_STATS["bytes_received"] += size * (sum(recv_numel) - recv_numel[rank])
     return list(out.split(recv_numel))
@@ -177,6 +184,7 @@ def owner_lmo(lmo: Stage, directions: list[Tensor], group: dict) -> list[Tensor]
     ``megabatch`` all_to_all: no zero-padding of shards or matrix lists (uneven splits are sent as they are).
     """
     import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
     layouts = [_layout(d) for d in directions]
     sharded = [i for i, (kind, _) in enumerate(layouts) if kind == "shard"]
     mesh = layouts[sharded[0]][1] if sharded else None
@@ -195,6 +203,8 @@ def owner_lmo(lmo: Stage, directions: list[Tensor], group: dict) -> list[Tensor]
         return [wrap(r, d) for r, d in zip(lmo([full_view(d) for d in directions], inner), directions)]
     pg = mesh.get_group(0)
     rank, world = dist.get_rank(pg), dist.get_world_size(pg)
+    if mesh.get_local_rank(0) != rank:   # shard index (mesh coordinate) must be the all_to_all slot
+        raise NotImplementedError("owner_lmo: a device mesh whose coordinates differ from its group's ranks")
     dims = {i: matrix_dims(directions[i].shape) for i in sharded}
     rows = {i: shard_rows(dims[i][0], world) for i in sharded}
     plan = dict(zip(sharded, owner_plan([dims[i] for i in sharded], world)))
@@ -256,7 +266,8 @@ def owner_lmo(lmo: Stage, directions: list[Tensor], group: dict) -> list[Tensor]
 def zeros_rows(p: Tensor, cols: int = 1) -> Tensor:
     """A zero ``(p.shape[0], cols)`` row statistic of ``p``'s dtype/device; for a DTensor parameter a DTensor
     on its mesh with its placements (``Shard(0)`` rows follow the parameter's rows)."""
-    if DTensor is not None and isinstance(p, DTensor):
+    dtensor = dtensor_class()
+    if dtensor is not None and isinstance(p, dtensor):
         import torch.distributed.tensor as dt
         return dt.zeros((p.shape[0], cols), dtype=p.dtype, device_mesh=p.device_mesh, placements=p.placements)
     return torch.zeros(p.shape[0], cols, dtype=p.dtype, device=p.device)
@@ -264,10 +275,11 @@ def zeros_rows(p: Tensor, cols: int = 1) -> Tensor:
 
 def zeros_scalar(p: Tensor) -> Tensor:
     """A zero 0-D statistic of ``p``'s dtype/device; for a DTensor parameter a replicated DTensor."""
-    if DTensor is not None and isinstance(p, DTensor):
+    dtensor = dtensor_class()
+    if dtensor is not None and isinstance(p, dtensor):
         import torch.distributed.tensor as dt
         return dt.zeros((), dtype=p.dtype, device_mesh=p.device_mesh,
-                        placements=[Replicate()] * p.device_mesh.ndim)
+                        placements=[dt.Replicate()] * p.device_mesh.ndim)
     return torch.zeros((), dtype=p.dtype, device=p.device)
 
 
