@@ -137,6 +137,12 @@ class Lanton(Muon):
     With one tensor per group (or equal noise) it is exactly ``Muon(nesterov=False, adjust_lr="spectral_norm")``
     with lr/ν (tested).  Memory: Muon's plus one scalar per tensor, plus one gradient copy per tensor with
     ``noise_estimator="previous_gradient"``.
+
+    FSDP2: the LMO runs on each matrix's owner (:func:`torchstep.optim.matrix.owner_lmo`); ``noise_sq`` is a
+    replicated 0-D DTensor.  The ``nuclear`` noise norm goes through DTensor's replicate-only ``svdvals``
+    (the noise sample is all-gathered and every rank runs the same SVD — correct, full cost on every rank);
+    ``noise_norm="frobenius"`` is one all-reduce.  ``lmo="sign"`` is element-wise but still gathered to
+    owners (correct, not free).
     """
 
     matrix_rule = LANTON

@@ -31,7 +31,6 @@ from torch import Tensor
 
 from ..ops.newton_schulz import NS_METHODS, PRESETS, newton_schulz_many, newton_schulz_many_split, singular_value_bound
 from ..ops.shapes import SHAPE_SCALES, as_matrix, shape_scale
-from ..ops.sharding import matrix_dims, owner_plan, shard_rows
 from ._base import Rule, check_choice, check_range, decay_, scalar
 
 
@@ -185,6 +184,8 @@ def owner_lmo(lmo: Stage, directions: list[Tensor], group: dict) -> list[Tensor]
     """
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
+
+    from ..ops.sharding import matrix_dims, owner_plan, shard_rows
     layouts = [_layout(d) for d in directions]
     sharded = [i for i, (kind, _) in enumerate(layouts) if kind == "shard"]
     mesh = layouts[sharded[0]][1] if sharded else None
@@ -297,8 +298,10 @@ def momentum_direction(grad: Tensor, state: dict, group: dict, nesterov: bool | 
 
 def newton_schulz_lmo(matrices: list[Tensor], group: dict) -> list[Tensor]:
     """Batched Newton–Schulz with the group's ``ns_steps/ns_preset/ns_dtype/ns_method``; with
-    ``split_across_ranks`` each data-parallel rank orthogonalises a share and broadcasts it.  A group without
-    ``ns_method`` (a checkpoint saved before it existed) runs the standard iteration."""
+    ``split_across_ranks`` each data-parallel (DDP) rank orthogonalises the matrices the LPT owner plan gives
+    it and broadcasts them (:func:`torchstep.ops.newton_schulz.newton_schulz_many_split`).  A group without
+    ``ns_method`` (a checkpoint saved before it existed) runs the standard iteration.  (FSDP2 DTensors never
+    reach this function sharded: :meth:`MatrixRule.update` routes them through :func:`owner_lmo`.)"""
     run = newton_schulz_many_split if group.get("split_across_ranks") else newton_schulz_many
     return run(matrices, steps=group["ns_steps"], preset=group["ns_preset"], compute_dtype=NS_DTYPES[group["ns_dtype"]],
                method=group.get("ns_method", "standard"))

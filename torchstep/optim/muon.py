@@ -43,9 +43,13 @@ class Muon(MatrixHybrid):
             ``none``.
         fallback_lr, fallback_betas, fallback_eps, fallback_weight_decay: the AdamW fallback's
             hyperparameters (defaults 3e-4, (0.9, 0.95), 1e-10, 0: KellerJordan/Muon's ``MuonWithAuxAdam``).
-        split_across_ranks: under ``torch.distributed`` each rank orthogonalises a share of the matrices
-            and broadcasts it (:func:`torchstep.ops.newton_schulz.newton_schulz_many_split`) — same result,
-            1/W of the NS work (default False).
+        split_across_ranks: DDP (every rank holds every matrix): each matrix gets one owner rank by the
+            cost-balanced LPT plan (:func:`torchstep.ops.sharding.owner_plan`), owners orthogonalise theirs
+            and broadcast one flat buffer each
+            (:func:`torchstep.ops.newton_schulz.newton_schulz_many_split`) — bitwise the unsplit result,
+            ≈1/W of the NS work (default False).  Under FSDP2 (``fully_shard``: DTensor parameters sharded
+            on dim 0) no flag is needed: every matrix is gathered to its owner, orthogonalised once, and
+            its rows sent back (:func:`torchstep.optim.matrix.owner_lmo`; never NS of a shard).
         maximize, nonfinite: the policies of every torchstep optimizer.
 
     ``torch.optim.Muon``'s own defaults are ``lr=1e-3, weight_decay=0.1`` with the same rule; with

@@ -95,6 +95,11 @@ class NorMuon(Muon):
     instead (documented deviation).  Fallback AdamW as :class:`Muon`.
     Paper: Li, Liu, Liang, Chen, Zhao, "NorMuon: Making Muon more efficient and scalable", arXiv 2510.05491;
     the official/paper scale difference is repository issue #9.  Memory: Muon's plus one scalar per output row.
+
+    FSDP2: ``O`` is computed on the matrix's owner (:func:`torchstep.optim.matrix.owner_lmo`); ``v`` is a
+    ``Shard(0)`` DTensor following the parameter's rows, so the row statistic stays local and the two
+    Frobenius norms are all-reduces — the whole-matrix result (tested against single-process training),
+    not dion's per-shard rescale approximation.
     """
 
     matrix_rule = NORMUON
