@@ -20,6 +20,18 @@ def update_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, beta1: fl
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
 
 
+def update_moments_scaled_(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, beta1: float | Tensor,
+                           one_minus_beta1: float | Tensor, beta2: float) -> None:
+    """``update_moments_(..., lerp=False)`` for a β1 that changes every step (Stable-SPAM's β1·s_t), given with
+    ``1 − β1`` as Python floats (then the same operations, bit for bit) or as 0-d tensors in a compiled step."""
+    exp_avg.mul_(beta1)
+    if isinstance(one_minus_beta1, Tensor):
+        exp_avg.add_(grad * one_minus_beta1)
+    else:
+        exp_avg.add_(grad, alpha=one_minus_beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+
+
 def bias_corrections(t: int, beta1: float, beta2: float) -> tuple[float, float]:
     """``(1 − β1ᵗ, 1 − β2ᵗ)`` for the 1-based step ``t``."""
     return 1 - beta1 ** t, 1 - beta2 ** t
@@ -27,7 +39,12 @@ def bias_corrections(t: int, beta1: float, beta2: float) -> tuple[float, float]:
 
 def adam_denominator(exp_avg_sq: Tensor, t: int, beta2: float, eps: float) -> Tensor:
     """torch's AdamW denominator ``√v/√(1 − β2ᵗ) + ε`` (a new tensor)."""
-    return exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2 ** t)).add_(eps)
+    return corrected_root(exp_avg_sq, math.sqrt(1 - beta2 ** t), eps)
+
+
+def corrected_root(exp_avg_sq: Tensor, root_bc2: float | Tensor, eps: float) -> Tensor:
+    """``√v/root_bc2 + ε`` with ``root_bc2 = √(1 − β2ᵗ)`` given (a float, or a 0-d tensor in a compiled step)."""
+    return exp_avg_sq.sqrt().div_(root_bc2).add_(eps)
 
 
 def adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, t: int, beta1: float, beta2: float, eps: float,

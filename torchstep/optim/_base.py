@@ -26,6 +26,12 @@ norm overflows (‖g‖ ≳ 1.8e19 in float32, where Adam's g² and every norm-b
 is treated as non-finite too: skipped, so no state is ever poisoned by it.
 ``"raise"`` – ``FloatingPointError`` before anything is modified.
 ``"ignore"`` – no check, no sync (use when e.g. ``GradScaler`` already skips such steps).
+``"mask"`` – sync-free (element-wise rules only): the finite flag of each gradient stays on the device and
+the update is selected with ``torch.where``, so a parameter with an inf/NaN (or norm-overflowing) gradient
+keeps its value and its tensor state, without the host ever waiting on the device.  Unlike ``"skip"`` its
+step counter and host-side state (Schedule-Free's weight sum) still advance — reading the flag to stop
+them would be the sync this policy avoids.  Costs one copy of the parameter and its state per step (fused
+away under ``compile=True``).
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-NONFINITE_POLICIES = ("skip", "raise", "ignore")
+NONFINITE_POLICIES = ("skip", "raise", "ignore", "mask")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -92,6 +98,7 @@ class Rule:
 
     name: str
     batched: bool = True     # False: the rule treats each tensor on its own (the optimizer may call it per tensor)
+    maskable: bool = False   # True: a per-tensor update whose whole effect is on p and its tensor state ("mask")
 
     def validate(self, group: dict[str, Any]) -> None:
         pass
@@ -107,19 +114,44 @@ class Rule:
 class ElementwiseRule(Rule):
     """A rule given by plain functions, applied to each tensor of a group in turn.
 
+    Two ways to write it:
+
+    * ``update_one(p, grad, state, group)`` — updates one parameter in place (eager only); or
+    * ``plan`` + ``kernel`` (compilable, ``compile=True``): ``plan(state, group) -> dict`` is the host-side
+      part — everything that depends on the step counter, the lr or host state (Python control flow, bias
+      corrections, schedule factors); ``kernel(p, grad, state, group, c)`` is the tensor math, reading
+      scalars from ``c``.  Eagerly ``update_one = kernel(..., plan(state, group))`` with ``c``'s floats as
+      Python floats; compiled, ``c``'s floats arrive as 0-d tensors (so a new lr or step never recompiles, and
+      Inductor does not recompute ``β^t`` per element) while its bools/ints/None stay constants (structural
+      choices such as a SPAM reset step: one graph per variant).  A kernel therefore branches only on
+      ``c``'s bools and on the group's constants, and writes scaled updates with :func:`add_scaled_` /
+      :func:`addcdiv_scaled_` so that the same code runs on floats and 0-d tensors.
+
     Args:
         name: the rule's name (the ``algo`` a hybrid routes by).
         update_one: ``update_one(p, grad, state, group)`` — updates one parameter in place.
         init: ``init(p, state, group)`` — lazy state (default: none; see :func:`zeros_state`).
         check: ``check(group)`` — validates the rule's own hyperparameters (default: none).
+        plan, kernel: the compilable formulation (both or neither; then ``update_one`` is derived).
     """
 
     batched = False
+    maskable = True
 
-    def __init__(self, name: str, update_one: Callable, init: Callable | None = None,
-                 check: Callable | None = None) -> None:
-        self.name, self.update_one = name, update_one
+    def __init__(self, name: str, update_one: Callable | None = None, init: Callable | None = None,
+                 check: Callable | None = None, *, plan: Callable | None = None,
+                 kernel: Callable | None = None) -> None:
+        if (plan is None) != (kernel is None) or (update_one is None) == (kernel is None):
+            raise TypeError("give update_one, or plan and kernel")
+        if update_one is None:
+            def update_one(p, grad, state, group):
+                kernel(p, grad, state, group, plan(state, group))
+        self.name, self.update_one, self.plan, self.kernel = name, update_one, plan, kernel
         self._init, self._check = init, check
+
+    @property
+    def compilable(self) -> bool:
+        return self.kernel is not None
 
     def validate(self, group):
         if self._check is not None:
@@ -132,6 +164,34 @@ class ElementwiseRule(Rule):
     def update(self, params, grads, states, group):
         for p, grad, state in zip(params, grads, states):
             self.update_one(p, grad, state, group)
+
+
+def add_scaled_(p: Tensor, x: Tensor, c: float | Tensor) -> Tensor:
+    """``p ← p + c·x`` for a Python float ``c`` (one fused op, the eager reference) or a 0-d tensor."""
+    return p.add_(x, alpha=c) if not isinstance(c, Tensor) else p.add_(x * c)
+
+
+def addcdiv_scaled_(p: Tensor, a: Tensor, b: Tensor, c: float | Tensor) -> Tensor:
+    """``p ← p + c·a/b`` for a Python float ``c`` or a 0-d tensor."""
+    return p.addcdiv_(a, b, value=c) if not isinstance(c, Tensor) else p.add_(a / b * c)
+
+
+def finite_flag(grad: Tensor) -> Tensor:
+    """A 0-d bool tensor on ``grad``'s device: its 2-norm is finite (the same test as the ``"skip"`` policy)."""
+    dtype = torch.float32 if grad.dtype in _LOW_PRECISION else None
+    return torch.linalg.vector_norm(grad, dtype=dtype).isfinite()
+
+
+def masked_update(update: Callable[[], None], p: Tensor, grad: Tensor, state: dict[str, Any]) -> None:
+    """Run ``update()`` and keep its effect on ``p`` and ``state``'s tensors only if ``grad`` is finite, with
+    ``torch.where`` on the device (the ``"mask"`` policy: no host sync)."""
+    ok = finite_flag(grad)
+    keys = [k for k, v in state.items() if k != "step" and isinstance(v, Tensor)]
+    old_p, old = p.clone(), {k: state[k].clone() for k in keys}
+    update()
+    p.copy_(torch.where(ok, p, old_p))
+    for k in keys:
+        state[k].copy_(torch.where(ok, state[k], old[k]))
 
 
 def zeros_state(*keys: str) -> Callable:
@@ -220,6 +280,12 @@ class TorchstepOptimizer(torch.optim.Optimizer):
     def _validate(self, group: dict[str, Any]) -> None:
         validate_common(group)
         self.rule_for(group).validate(group)
+        if group["nonfinite"] == "mask" and not (self.rule_for(group).maskable and not self.rule_for(group).batched):
+            raise invalid("nonfinite", "mask", f"one of {NONFINITE_POLICIES[:3]} ('mask' needs a per-tensor rule "
+                          f"acting only on the parameter and its tensor state; {self.rule_for(group).name!r} is not)")
+        if group.get("compile", False) is not False:
+            from ._compiled import check_compile
+            check_compile(group["compile"], self.rule_for(group))
 
     # ------------------------------------------------------------------ step
     @staticmethod
@@ -245,7 +311,7 @@ class TorchstepOptimizer(torch.optim.Optimizer):
                      ) -> list[tuple[dict[str, Any], Tensor, Tensor]]:
         """``(group, param, tensor)`` triples whose tensor is finite, per each group's ``nonfinite`` policy
         (``raise`` raises before anything is modified).  Shared by :meth:`step` and Hessian refreshes."""
-        checked = [i for i, (g, _, _) in enumerate(items) if g["nonfinite"] != "ignore"]
+        checked = [i for i, (g, _, _) in enumerate(items) if g["nonfinite"] not in ("ignore", "mask")]
         flags = dict(zip(checked, self._finite_flags([items[i][2] for i in checked])))
         for i, (group, p, _) in enumerate(items):
             if not flags.get(i, True) and group["nonfinite"] == "raise":
@@ -289,17 +355,35 @@ class TorchstepOptimizer(torch.optim.Optimizer):
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         # A per-tensor rule runs one tensor at a time, so a bf16/fp16 model holds one fp32 working copy (and
-        # fp32 gradient) at a time — not the whole group's (8 extra bytes per parameter at peak).
-        chunks = [params] if self.rule_for(group).batched else [[p] for p in params]
+        # fp32 gradient) at a time — not the whole group's (8 extra bytes per parameter at peak).  The compiled
+        # step updates the whole group in one graph, so it holds every working copy at once.
+        compiled = group.get("compile", False)
+        chunks = [params] if compiled or self.rule_for(group).batched else [[p] for p in params]
         for chunk in chunks:
             items = [self._working(p, group) for p in chunk]
             for _, _, state in items:
                 state["step"] += 1
             works = [w for w, _, _ in items]
-            self._apply_rule(group, chunk, works, [g for _, g, _ in items], [s for _, _, s in items])
+            grads, states = [g for _, g, _ in items], [s for _, _, s in items]
+            if compiled:
+                self._compiled_step(group)(self.rule_for(group), works, grads, states, group)
+            elif group["nonfinite"] == "mask":   # per-tensor rules only (validated): one tensor per chunk
+                masked_update(lambda: self._apply_rule(group, chunk, works, grads, states), works[0], grads[0],
+                              states[0])
+            else:
+                self._apply_rule(group, chunk, works, grads, states)
             for p, work in zip(chunk, works):
                 if work is not p:
                     p.copy_(work)
+
+    def _compiled_step(self, group: dict[str, Any]):
+        """The group's :class:`~._compiled.CompiledStep`, built on first use (not part of ``state_dict``)."""
+        from ._compiled import CompiledStep
+        cache = self.__dict__.setdefault("_compiled_steps", {})
+        entry = cache.get(id(group))
+        if entry is None or entry[0] is not group or entry[1].option != group["compile"]:
+            entry = cache[id(group)] = (group, CompiledStep(group["compile"]))
+        return entry[1]
 
     def _apply_rule(self, group: dict[str, Any], params: list[Tensor], works: list[Tensor], grads: list[Tensor],
                     states: list[dict[str, Any]]) -> None:

@@ -8,8 +8,9 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import required
 
-from ..ops.moments import adam_denominator, bias_corrections, update_moments_
-from ._base import ElementwiseRule, TorchstepOptimizer, check_choice, check_range, scalar, step_of, zeros_state
+from ..ops.moments import bias_corrections, corrected_root, update_moments_
+from ._base import (ElementwiseRule, TorchstepOptimizer, add_scaled_, check_choice, check_range, scalar, step_of,
+                    zeros_state)
 
 
 def project_radial(p: Tensor, grad: Tensor, update: Tensor, delta: float, wd_ratio: float,
@@ -28,8 +29,8 @@ def project_radial(p: Tensor, grad: Tensor, update: Tensor, delta: float, wd_rat
     """
     if p.dim() <= 1:
         return update, 1.0
-    if sync_free is None:
-        sync_free = p.device.type != "cpu"
+    if sync_free is None:   # a compiled step cannot branch on a tensor either
+        sync_free = p.device.type != "cpu" or torch.compiler.is_compiling()
     # Row statistics are computed once; the whole-tensor view reuses them (no extra passes).
     # cos = |⟨g,θ⟩| / (max(‖g‖,ε)·max(‖θ‖,ε)) equals F.cosine_similarity's definition.
     rows = p.shape[0]
@@ -68,12 +69,18 @@ def check_projection(group) -> None:
     check_range("wd_ratio", group["wd_ratio"], 0.0, 1.0)
 
 
-def adamp_update(p, grad, state, group) -> None:
-    t, lr, eps = step_of(state), scalar(group["lr"]), group["eps"]
+def adamp_plan(state, group) -> dict:
+    t, lr = step_of(state), scalar(group["lr"])
+    beta1, beta2 = group["betas"]
+    return dict(lr=lr, step=-lr / bias_corrections(t, beta1, beta2)[0], root_bc2=math.sqrt(1 - beta2 ** t))
+
+
+def adamp_kernel(p, grad, state, group, c) -> None:
+    lr, eps = c["lr"], group["eps"]
     beta1, beta2 = group["betas"]
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
     update_moments_(exp_avg, exp_avg_sq, grad, beta1, beta2)
-    denom = adam_denominator(exp_avg_sq, t, beta2, eps)
+    denom = corrected_root(exp_avg_sq, c["root_bc2"], eps)
     if group["nesterov"]:
         update = (beta1 * exp_avg + (1 - beta1) * grad).div_(denom)
     else:
@@ -81,11 +88,16 @@ def adamp_update(p, grad, state, group) -> None:
     update, ratio = project_radial(p, grad, update, group["delta"], group["wd_ratio"], eps)
     if group["weight_decay"] > 0:
         p.mul_(1 - lr * group["weight_decay"] * ratio)
-    p.add_(update, alpha=-lr / bias_corrections(t, beta1, beta2)[0])
+    add_scaled_(p, update, c["step"])
 
 
-def sgdp_update(p, grad, state, group) -> None:
-    lr, mu = scalar(group["lr"]), group["momentum"]
+def sgdp_plan(state, group) -> dict:
+    lr = scalar(group["lr"])
+    return dict(lr=lr, step=-lr)
+
+
+def sgdp_kernel(p, grad, state, group, c) -> None:
+    lr, mu = c["lr"], group["momentum"]
     buf = state["momentum_buffer"]
     buf.mul_(mu).add_(grad, alpha=1 - group["dampening"])
     update = grad + mu * buf if group["nesterov"] else buf
@@ -94,7 +106,7 @@ def sgdp_update(p, grad, state, group) -> None:
         buf.copy_(update)
     if group["weight_decay"] > 0:
         p.mul_(1 - lr * group["weight_decay"] * ratio / (1 - mu))
-    p.add_(update, alpha=-lr)
+    add_scaled_(p, update, c["step"])
 
 
 def _check_sgdp(group) -> None:
@@ -103,8 +115,10 @@ def _check_sgdp(group) -> None:
     check_choice("compat", group["compat"], ("paper", "official"))
 
 
-ADAMP = ElementwiseRule("adamp", adamp_update, init=zeros_state("exp_avg", "exp_avg_sq"), check=check_projection)
-SGDP_RULE = ElementwiseRule("sgdp", sgdp_update, init=zeros_state("momentum_buffer"), check=_check_sgdp)
+ADAMP = ElementwiseRule("adamp", plan=adamp_plan, kernel=adamp_kernel, init=zeros_state("exp_avg", "exp_avg_sq"),
+                        check=check_projection)
+SGDP_RULE = ElementwiseRule("sgdp", plan=sgdp_plan, kernel=sgdp_kernel, init=zeros_state("momentum_buffer"),
+                            check=_check_sgdp)
 
 
 class AdamP(TorchstepOptimizer):
@@ -128,6 +142,8 @@ class AdamP(TorchstepOptimizer):
         wd_ratio: decay multiplier for projected tensors (default 0.1).
         nesterov: Nesterov momentum in the update (default False).
         maximize, nonfinite: the policies of every torchstep optimizer.
+        compile: False (eager, the reference), True (one Inductor graph per group) or a
+            ``torch.compile`` backend name — see :mod:`torchstep.optim._compiled`.
 
     Defaults are the paper's / official code's.
 
@@ -142,10 +158,10 @@ class AdamP(TorchstepOptimizer):
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, delta: float = 0.1,
                  wd_ratio: float = 0.1, nesterov: bool = False, *, maximize: bool = False,
-                 nonfinite: str = "skip") -> None:
+                 nonfinite: str = "skip", compile: bool | str = False) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       delta=delta, wd_ratio=wd_ratio, nesterov=nesterov,
-                                      maximize=maximize, nonfinite=nonfinite))
+                                      maximize=maximize, nonfinite=nonfinite, compile=compile))
 
 
 class SGDP(TorchstepOptimizer):
@@ -169,6 +185,8 @@ class SGDP(TorchstepOptimizer):
         eps, delta, wd_ratio: as :class:`AdamP` (defaults 1e-8, 0.1, 0.1).
         compat: ``"paper"`` (default) or ``"official"`` (below).
         maximize, nonfinite: the policies of every torchstep optimizer.
+        compile: False (eager, the reference), True (one Inductor graph per group) or a
+            ``torch.compile`` backend name — see :mod:`torchstep.optim._compiled`.
     Paper: arXiv 2006.08217; official code clovaai/AdamP (pip ``adamp``) — parity tested.
 
     Deviation (``compat``): without Nesterov the official code projects ``u = b`` **in place**,
@@ -182,10 +200,10 @@ class SGDP(TorchstepOptimizer):
     def __init__(self, params: Any, lr: float = required, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
                  eps: float = 1e-8, delta: float = 0.1, wd_ratio: float = 0.1, compat: str = "paper", *,
-                 maximize: bool = False, nonfinite: str = "skip") -> None:
+                 maximize: bool = False, nonfinite: str = "skip", compile: bool | str = False) -> None:
         if lr is required:
             raise ValueError("Invalid lr: required (SGDP has no default learning rate)")
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov, eps=eps,
                                       delta=delta, wd_ratio=wd_ratio, compat=compat, maximize=maximize,
-                                      nonfinite=nonfinite))
+                                      nonfinite=nonfinite, compile=compile))

@@ -5,25 +5,29 @@ from typing import Any
 
 import torch
 
-from ._base import ElementwiseRule, TorchstepOptimizer, check_choice, check_range, scalar, zeros_state
+from ._base import ElementwiseRule, TorchstepOptimizer, add_scaled_, check_choice, check_range, scalar, zeros_state
 
 
-def classp_update(p, grad, state, group) -> None:
-    lr, power, eps = scalar(group["lr"]), group["power"], group["eps"]
+def classp_plan(state, group) -> dict:
+    return dict(step=-scalar(group["lr"]))
+
+
+def classp_kernel(p, grad, state, group, c) -> None:
+    power, eps = group["power"], group["eps"]
     grad_sum = state["grad_sum"]
     if group["compat"] == "official":
         # `(g**2).any() > threshold` compares a bool with the threshold: True > τ iff τ < 1.
         if group["threshold"] >= 1:
             return
         grad_sum.add_(grad.abs())
-        p.add_(grad / (grad_sum + eps).pow_(1.0 / power), alpha=-lr)
+        add_scaled_(p, grad / (grad_sum + eps).pow_(1.0 / power), c["step"])
         return
     grad_sum.add_(grad.abs().pow_(power) if power != 1 else grad.abs())   # every coordinate is charged
     grad_sum.clamp_max_(torch.finfo(grad_sum.dtype).max)     # saturate: an inf sum would freeze the coordinate
     # where(), not a 0/1 product: (ε + S)^(1/p) underflows to 0 for small p, and inf·0 would be NaN
     step = torch.where(grad.square() > group["threshold"], (grad_sum + eps).pow_(1.0 / power).reciprocal_().mul_(grad),
                        0.0)
-    p.add_(step, alpha=-lr)
+    add_scaled_(p, step, c["step"])
 
 
 def _check(group):
@@ -32,7 +36,8 @@ def _check(group):
     check_choice("compat", group["compat"], ("paper", "official"))
 
 
-CLASSP_RULE = ElementwiseRule("classp", classp_update, init=zeros_state("grad_sum"), check=_check)
+CLASSP_RULE = ElementwiseRule("classp", plan=classp_plan, kernel=classp_kernel, init=zeros_state("grad_sum"),
+                              check=_check)
 
 
 class CLASSP(TorchstepOptimizer):
@@ -58,6 +63,8 @@ class CLASSP(TorchstepOptimizer):
             ε^(−1/p) overflows (p ≲ 0.13 in fp32).
         compat: ``"paper"`` (default) or ``"official"`` (below).
         maximize, nonfinite: the policies of every torchstep optimizer.
+        compile: False (eager, the reference), True (one Inductor graph per group) or a
+            ``torch.compile`` backend name — see :mod:`torchstep.optim._compiled`.
 
     Paper: O. Ludwig, "CLASSP: a Biologically-Inspired Approach to Continual Learning through
     Adjustment Suppression and Sparsity Promotion", arXiv 2405.09637.
@@ -80,6 +87,6 @@ class CLASSP(TorchstepOptimizer):
 
     def __init__(self, params: Any, lr: float = 0.2, threshold: float = 0.5, eps: float = 1e-5,
                  power: float = 1.0, compat: str = "paper", *, maximize: bool = False,
-                 nonfinite: str = "skip") -> None:
+                 nonfinite: str = "skip", compile: bool | str = False) -> None:
         super().__init__(params, dict(lr=lr, threshold=threshold, eps=eps, power=power,
-                                      compat=compat, maximize=maximize, nonfinite=nonfinite))
+                                      compat=compat, maximize=maximize, nonfinite=nonfinite, compile=compile))

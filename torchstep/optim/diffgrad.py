@@ -7,11 +7,16 @@ from typing import Any
 import torch
 
 from ..ops.moments import bias_corrections, update_moments_
-from ._base import ElementwiseRule, TorchstepOptimizer, scalar, step_of, zeros_state
+from ._base import ElementwiseRule, TorchstepOptimizer, add_scaled_, scalar, step_of, zeros_state
 
 
-def diffgrad_update(p, grad, state, group) -> None:
+def diffgrad_plan(state, group) -> dict:
     t, lr = step_of(state), scalar(group["lr"])
+    bc1, bc2 = bias_corrections(t, *group["betas"])
+    return dict(step=-lr * math.sqrt(bc2) / bc1)
+
+
+def diffgrad_kernel(p, grad, state, group, c) -> None:
     beta1, beta2 = group["betas"]
     if group["weight_decay"] != 0:
         grad = grad.add(p, alpha=group["weight_decay"])
@@ -19,12 +24,12 @@ def diffgrad_update(p, grad, state, group) -> None:
     update_moments_(exp_avg, exp_avg_sq, grad, beta1, beta2, lerp=False)   # official v2 spelling
     friction = previous.sub_(grad).abs_().sigmoid_()   # reuse the buffer, then refill it
     step = friction.mul_(exp_avg).div_(exp_avg_sq.sqrt().add_(group["eps"]))
-    bc1, bc2 = bias_corrections(t, beta1, beta2)
-    p.add_(step, alpha=-lr * math.sqrt(bc2) / bc1)
+    add_scaled_(p, step, c["step"])
     previous.copy_(grad)
 
 
-DIFFGRAD = ElementwiseRule("diffgrad", diffgrad_update, init=zeros_state("exp_avg", "exp_avg_sq", "previous_grad"))
+DIFFGRAD = ElementwiseRule("diffgrad", plan=diffgrad_plan, kernel=diffgrad_kernel,
+                           init=zeros_state("exp_avg", "exp_avg_sq", "previous_grad"))
 
 
 class DiffGrad(TorchstepOptimizer):
@@ -45,6 +50,8 @@ class DiffGrad(TorchstepOptimizer):
         eps: ε added to √v (default 1e-8).
         weight_decay: coupled L2 λ added to the gradient copy (default 0).
         maximize, nonfinite: the policies of every torchstep optimizer.
+        compile: False (eager, the reference), True (one Inductor graph per group) or a
+            ``torch.compile`` backend name — see :mod:`torchstep.optim._compiled`.
 
     Paper: Dubey et al., "diffGrad: An Optimization Method for Convolutional Neural
     Networks", IEEE TNNLS 2019, arXiv 1909.11015.  Official code: shivram1987/diffGrad
@@ -59,6 +66,6 @@ class DiffGrad(TorchstepOptimizer):
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, *, maximize: bool = False,
-                 nonfinite: str = "skip") -> None:
+                 nonfinite: str = "skip", compile: bool | str = False) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      maximize=maximize, nonfinite=nonfinite))
+                                      maximize=maximize, nonfinite=nonfinite, compile=compile))

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from ._base import ElementwiseRule, TorchstepOptimizer, decay_, scalar, zeros_state
+from ._base import ElementwiseRule, TorchstepOptimizer, add_scaled_, scalar, zeros_state
 
 
 def lion_direction(grad, exp_avg, betas) -> torch.Tensor:
@@ -16,13 +16,18 @@ def lion_direction(grad, exp_avg, betas) -> torch.Tensor:
     return direction
 
 
-def lion_update(p, grad, state, group) -> None:
+def lion_plan(state, group) -> dict:
     lr = scalar(group["lr"])
-    decay_(p, lr, group["weight_decay"])
-    p.add_(lion_direction(grad, state["exp_avg"], group["betas"]), alpha=-lr)
+    return dict(decay=1.0 - lr * group["weight_decay"], step=-lr)
 
 
-LION = ElementwiseRule("lion", lion_update, init=zeros_state("exp_avg"))
+def lion_kernel(p, grad, state, group, c) -> None:
+    if group["weight_decay"] != 0:
+        p.mul_(c["decay"])
+    add_scaled_(p, lion_direction(grad, state["exp_avg"], group["betas"]), c["step"])
+
+
+LION = ElementwiseRule("lion", plan=lion_plan, kernel=lion_kernel, init=zeros_state("exp_avg"))
 
 
 class Lion(TorchstepOptimizer):
@@ -39,6 +44,8 @@ class Lion(TorchstepOptimizer):
         betas: (β1, β2) — interpolation for the sign and momentum EMA (default (0.9, 0.99)).
         weight_decay: decoupled λ (default 0).
         maximize, nonfinite: the policies of every torchstep optimizer.
+        compile: False (eager, the reference), True (one Inductor graph per group) or a ``torch.compile``
+            backend name — see :mod:`torchstep.optim._compiled`.
 
     Use an lr 3–10× smaller
     and a weight decay 3–10× larger than AdamW's.  optax's ``lion`` defaults ``weight_decay`` to
@@ -56,6 +63,6 @@ class Lion(TorchstepOptimizer):
     rule = LION
 
     def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.0, *, maximize: bool = False, nonfinite: str = "skip") -> None:
+                 weight_decay: float = 0.0, *, maximize: bool = False, nonfinite: str = "skip", compile: bool | str = False) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
-                                      maximize=maximize, nonfinite=nonfinite))
+                                      maximize=maximize, nonfinite=nonfinite, compile=compile))

@@ -7,20 +7,25 @@ import torch
 from torch import Tensor
 
 from ..ops.hessian import hutchinson_diagonal_groups
-from ._base import (_LOW_PRECISION, ElementwiseRule, TorchstepOptimizer, check_choice, check_range, decay_, scalar,
+from ._base import (_LOW_PRECISION, ElementwiseRule, TorchstepOptimizer, add_scaled_, check_choice, check_range, scalar,
                     zeros_state)
 
 
-def _sophia_update(denominator):
-    def update(p, grad, state, group) -> None:
-        lr = scalar(group["lr"])
+def _sophia_plan(state, group) -> dict:
+    lr = scalar(group["lr"])
+    return dict(decay=1.0 - lr * group["weight_decay"], step=-lr)
+
+
+def _sophia_kernel(denominator):
+    def kernel(p, grad, state, group, c) -> None:
         beta1 = group["betas"][0]
         exp_avg = state["exp_avg"]
-        decay_(p, lr, group["weight_decay"])
+        if group["weight_decay"] != 0:
+            p.mul_(c["decay"])
         exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
         # sign(m)·min(|m|/d, 1) ≡ clamp(m/d, −1, 1) for the positive denominator d
-        p.add_(exp_avg.div(denominator(state["hessian"], group)).clamp_(-1.0, 1.0), alpha=-lr)
-    return update
+        add_scaled_(p, exp_avg.div(denominator(state["hessian"], group)).clamp_(-1.0, 1.0), c["step"])
+    return kernel
 
 
 def gnb_denominator(hessian: Tensor, group: dict) -> Tensor:
@@ -45,8 +50,10 @@ def _check_sophia_h(group) -> None:
 
 
 _INIT = zeros_state("exp_avg", "hessian")
-SOPHIA_G = ElementwiseRule("sophiag", _sophia_update(gnb_denominator), init=_INIT, check=_check_sophia)
-SOPHIA_H = ElementwiseRule("sophiah", _sophia_update(hutchinson_denominator), init=_INIT, check=_check_sophia_h)
+SOPHIA_G = ElementwiseRule("sophiag", plan=_sophia_plan, kernel=_sophia_kernel(gnb_denominator), init=_INIT,
+                           check=_check_sophia)
+SOPHIA_H = ElementwiseRule("sophiah", plan=_sophia_plan, kernel=_sophia_kernel(hutchinson_denominator), init=_INIT,
+                           check=_check_sophia_h)
 
 
 class _Sophia(TorchstepOptimizer):
@@ -87,6 +94,8 @@ class SophiaG(_Sophia):
         eps: ε of the denominator (default 1e-15).
         maximize, nonfinite: the policies of every torchstep optimizer (a non-finite Hessian estimate follows
             ``nonfinite`` too).
+        compile: False (eager, the reference), True (one Inductor graph per group) or a
+            ``torch.compile`` backend name — see :mod:`torchstep.optim._compiled`.
     Keep the share of unclipped coordinates in 0.1–0.5.  bf16/fp16 gradients are squared in fp32.
 
     Training loop (the official script clips the GNB gradient to norm 1 before the refresh, as it clips
@@ -115,9 +124,9 @@ class SophiaG(_Sophia):
 
     def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.04, weight_decay: float = 0.1, bs: float = 5120, eps: float = 1e-15,
-                 *, maximize: bool = False, nonfinite: str = "skip") -> None:
+                 *, maximize: bool = False, nonfinite: str = "skip", compile: bool | str = False) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, bs=bs,
-                                      eps=eps, maximize=maximize, nonfinite=nonfinite))
+                                      eps=eps, maximize=maximize, nonfinite=nonfinite, compile=compile))
 
     @torch.no_grad()
     def update_hessian(self) -> None:
@@ -150,6 +159,8 @@ class SophiaH(_Sophia):
         distribution: ``"rademacher"`` (default) or ``"gaussian"`` probes, read per group.
         bs: multiplies ρ (default 1).
         maximize, nonfinite: the policies of every torchstep optimizer.
+        compile: False (eager, the reference), True (one Inductor graph per group) or a
+            ``torch.compile`` backend name — see :mod:`torchstep.optim._compiled`.
     A parameter the loss does not depend on gets zero curvature (no error).
 
     Relation to pip ``pytorch-optimizer``'s SophiaH (4.1), whose update is
@@ -167,10 +178,10 @@ class SophiaH(_Sophia):
     def __init__(self, params: Any, lr: float = 6e-4, betas: tuple[float, float] = (0.96, 0.99),
                  rho: float = 0.01, weight_decay: float = 0.0, eps: float = 1e-12,
                  samples: int = 1, distribution: str = "rademacher", *, bs: float = 1.0,
-                 maximize: bool = False, nonfinite: str = "skip") -> None:
+                 maximize: bool = False, nonfinite: str = "skip", compile: bool | str = False) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps,
                                       samples=samples, distribution=distribution, bs=bs,
-                                      maximize=maximize, nonfinite=nonfinite))
+                                      maximize=maximize, nonfinite=nonfinite, compile=compile))
 
     def update_hessian(self, loss: Tensor | Callable[[], Tensor],
                        generator: torch.Generator | None = None) -> None:
