@@ -52,3 +52,47 @@ def full_state(p: Tensor, shape: Sequence[int], value: float, dtype: torch.dtype
 
     return full(tuple(shape), value, dtype=dtype, device_mesh=p.device_mesh,
                 placements=state_placements(p, shape))
+
+
+def settled(t: Tensor) -> Tensor:
+    """``t`` with any pending reduction (``Partial`` placement, e.g. a norm over a sharded dimension) carried
+    out as ``Replicate``; plain tensors and settled DTensors are returned as they are.  State created from a
+    reduction must be settled: an in-place update of a ``Partial`` DTensor is rejected or wrong."""
+    if not is_dtensor(t):
+        return t
+    from torch.distributed.tensor import Partial, Replicate
+
+    if not any(isinstance(pl, Partial) for pl in t.placements):
+        return t
+    return t.redistribute(placements=[Replicate() if isinstance(pl, Partial) else pl for pl in t.placements])
+
+
+def run_gathered(fn, p: Tensor, grad: Tensor, state: dict, *args) -> None:
+    """Run ``fn(p, grad, state, *args)`` (an in-place per-tensor update) on the **whole** tensors of the DTensor
+    parameter ``p`` and take the local shards back — for rules that need the full matrix (random / coordinate /
+    SVD subspaces whose state is not shaped like the parameter).  Every rank computes the same full update
+    (the inputs are gathered, the rule is deterministic: seeded draws, no global RNG), then keeps its shard,
+    so no second collective is needed.  Cost: one all-gather of the parameter, the gradient and every sharded
+    state tensor, and full-size transients, per step.  State tensors keep their placement where their shape is
+    unchanged; new ones get :func:`state_placements` (index sets and low-rank bases are replicated)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = p.device_mesh
+
+    def full(t):
+        return settled(t).full_tensor() if is_dtensor(t) else t
+
+    work_p, work_g = full(p), full(grad)
+    work_state = {k: full(v) for k, v in state.items()}
+    fn(work_p, work_g, work_state, *args)
+    p.copy_(distribute_tensor(work_p, mesh, p.placements, src_data_rank=None))
+    old = dict(state)
+    state.clear()
+    for key, value in work_state.items():
+        if not isinstance(value, Tensor) or is_dtensor(value) or value is old.get(key):
+            state[key] = value           # Python state, the plain step counter
+            continue
+        prev = old.get(key)
+        placements = (prev.placements if is_dtensor(prev) and tuple(prev.shape) == tuple(value.shape)
+                      else state_placements(p, value.shape))
+        state[key] = distribute_tensor(value, mesh, placements, src_data_rank=None)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ._base import Rule, TorchstepOptimizer, check_choice, check_range, scalar
+from ._dtensor import full_state
 
 SCALAR_ACCUMULATORS = ("group", "tensor")
 
@@ -62,7 +63,7 @@ class AdaGradRule(Rule):
         if mode == "coordinate" or (mode == "row" and p.dim() < 2):
             state["sum"] = torch.full_like(p, value, memory_format=torch.preserve_format)
         else:
-            state["sum"] = torch.full(accumulator_shape(p, mode), value, dtype=p.dtype, device=p.device)
+            state["sum"] = full_state(p, accumulator_shape(p, mode), value)   # a DTensor under FSDP2
 
     def update(self, params, grads, states, group, rest: Sequence[Tensor] = ()):
         """``rest``: the ``"group"`` accumulator's shares of the group's tensors not updated this step (no

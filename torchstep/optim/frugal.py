@@ -11,6 +11,7 @@ from ..ops.projectors import (COORDINATE_AXES, coordinate_basis, project, projec
                               random_basis, refresh_basis, PROJ_TYPES)
 from ..ops.shapes import as_matrix
 from ._base import Rule, check_choice, check_range, invalid, scalar, step_of
+from ._dtensor import is_dtensor, run_gathered
 from .galore import BASIS_PREFIX, ProjectedOptimizer, base_keys, basis_of
 from .lowrank import check_base_hyperparameters, resolve_base
 
@@ -108,6 +109,13 @@ class FrugalRule(Rule):
                             clock if clock is not None else step_of(state))
 
     def update_one(self, p, grad, state, group, position, count, clock):
+        if is_dtensor(p) and self._projected(p, group) and group["projection"] != "block":
+            # under FSDP2: coordinate / svd / random subspaces need the whole matrix (index sets, seeded
+            # bases and the residual's sign are not shard-local) — gathered, computed, sharded back
+            return run_gathered(self._update_one, p, grad, state, group, position, count, clock)
+        return self._update_one(p, grad, state, group, position, count, clock)
+
+    def _update_one(self, p, grad, state, group, position, count, clock):
         base, t, lr = resolve_base(group["base"]), step_of(state), scalar(group["lr"])
         if group["weight_decay"] != 0:
             p.mul_(1 - lr * group["weight_decay"])          # every tensor, before the update, unscaled lr
@@ -229,6 +237,10 @@ class Frugal(ProjectedOptimizer):
     largest step counter of its matrices (the author keys on the group's first tensor, whose counter stalls
     when it has no gradient; identical when every tensor gets a gradient every step); coordinate indices are sorted (the same subspace); the ``randperm``
     projection type is not offered; the subspace seeds come from ``seed`` (the author draws from the global RNG).
+    Under FSDP2 (DTensor parameters): ``block`` runs on the shards (whole-tensor state-full/state-free choice,
+    element-wise Adam and sign); ``coordinate`` / ``svd`` / ``random`` gather each projected matrix, its gradient
+    and state (:func:`~torchstep.optim._dtensor.run_gathered`), compute the step on every rank and keep the local
+    shard — exact, at the cost of one all-gather and a full-size transient per matrix and step.
     Memory: block — 2·(active tensors' sizes); coordinate — 2·⌊ρ n⌋·m + the index set; svd — the projector and
     Adam on the rank-``round(ρ d)`` projection; plus AdamW's 2× for unprojected tensors.
     """

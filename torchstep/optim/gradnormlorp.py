@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ..ops.shapes import as_matrix
 from ._base import Rule, scalar, step_of
+from ._dtensor import settled
 from .galore import GALORE, ProjectedOptimizer, check_projection, is_projected, projection_defaults
 from .lowrank import resolve_base
 
@@ -51,7 +52,7 @@ class GradNormLoRPRule(Rule):
         if not _weight_normalised(p, group):
             return GALORE.init_state(p, state, group)
         state["v"] = p.detach().clone()
-        state["g"] = torch.linalg.vector_norm(rows(p), dim=1)
+        state["g"] = settled(torch.linalg.vector_norm(rows(p), dim=1))   # FSDP2: a vector's norm is replicated
         GALORE.init_state(state["v"], state, group)             # v's base state (low-rank when projected)
         magnitude: dict[str, Any] = {}
         resolve_base(group["base"]).init(state["g"], magnitude, group)
@@ -69,7 +70,7 @@ class GradNormLoRPRule(Rule):
         v, g = state["v"], state["g"]
         official = group["compat"] == "official"
         if official:   # the code overwrites the learned magnitude with ‖v‖ before every step
-            g.copy_(torch.linalg.vector_norm(rows(v), dim=1))
+            g.copy_(settled(torch.linalg.vector_norm(rows(v), dim=1)))
         grad_v, grad_g = weight_norm_grads(rows(grad), rows(v), g, orthogonal=not official)
         GALORE.update_one(v, grad_v.reshape(v.shape), state, group)   # projected Adam on v, decay after
         base, lr = resolve_base(group["base"]), scalar(group["lr"])
@@ -127,6 +128,8 @@ class GradNormLoRP(ProjectedOptimizer):
     hyperparameters, decay on both ``v`` and ``g`` (as the code), only projected matrices reparametrised.
     The optimizer owns ``(v, g)`` and rewrites ``W`` from them after every step: a change made to a routed
     weight outside the optimizer (e.g. re-initialisation) is overwritten at the next step.
+    Under FSDP2 (row-sharded DTensor weights) the row norms and magnitudes are shard-local; a vector's single
+    norm (``compat="official"``) is all-reduced and its magnitude replicated; GaLore's part as :class:`GaLore`.
     Memory per routed m×n matrix: ``v`` (m·n) + GaLore's state on ``v`` + ``g`` and its Adam moments (3·m);
     more than GaLore, by the copy of the weight.
     """

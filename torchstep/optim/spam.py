@@ -9,6 +9,7 @@ from ..ops.curves import cosine
 from ..ops.moments import adam_direction, update_moments_
 from ..ops.spike import clip_spikes, clip_to_running_max
 from ._base import ElementwiseRule, TorchstepOptimizer, check_choice, check_range, decay_, scalar, step_of, zeros_state
+from ._dtensor import full_state
 
 
 def _adam_step(state, grad, t: int, beta1: float, beta2: float, eps: float, eps_inside: bool):
@@ -108,7 +109,7 @@ def stablespam_update(p, grad, state, group) -> None:
 def _init_stablespam(p, state, group) -> None:
     zeros_state("exp_avg", "exp_avg_sq")(p, state, group)
     for key in ("max_abs_avg", "norm_avg", "norm_sq_avg"):
-        state[key] = torch.zeros((), dtype=p.dtype, device=p.device)
+        state[key] = full_state(p, (), 0.0)   # a replicated DTensor under FSDP2
 
 
 def _check_stablespam(group) -> None:
