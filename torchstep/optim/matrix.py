@@ -22,6 +22,7 @@ A new matrix method is its rule (a ``MatrixRule(...)`` of stages from here or it
 from __future__ import annotations
 
 import functools
+import itertools
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -152,6 +153,14 @@ def _exchange(send: list[list[Tensor]], recv_numel: list[int], dtype: torch.dtyp
     return list(out.split(recv_numel))
 
 
+@functools.lru_cache(maxsize=64)
+def _owner_layout(dims: tuple[tuple[int, int], ...], world: int) -> tuple[list[int], list[list[int]], list[list[int]]]:
+    """(owner plan, rows per rank, row offsets per rank) of a group's matrices — the same every step, cached."""
+    from ..ops.sharding import owner_plan, shard_rows
+    rows = [shard_rows(m, world) for m, _ in dims]
+    return owner_plan(dims, world), rows, [[0, *itertools.accumulate(r[:-1])] for r in rows]
+
+
 def owner_lmo(lmo: Stage, directions: list[Tensor], group: dict) -> list[Tensor]:
     """Run a whole-matrix ``lmo`` on row-sharded DTensor directions: each matrix once, on its owner.
 
@@ -185,7 +194,7 @@ def owner_lmo(lmo: Stage, directions: list[Tensor], group: dict) -> list[Tensor]
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from ..ops.sharding import matrix_dims, owner_plan, shard_rows
+    from ..ops.sharding import matrix_dims
     layouts = [_layout(d) for d in directions]
     sharded = [i for i, (kind, _) in enumerate(layouts) if kind == "shard"]
     mesh = layouts[sharded[0]][1] if sharded else None
@@ -207,8 +216,10 @@ def owner_lmo(lmo: Stage, directions: list[Tensor], group: dict) -> list[Tensor]
     if mesh.get_local_rank(0) != rank:   # shard index (mesh coordinate) must be the all_to_all slot
         raise NotImplementedError("owner_lmo: a device mesh whose coordinates differ from its group's ranks")
     dims = {i: matrix_dims(directions[i].shape) for i in sharded}
-    rows = {i: shard_rows(dims[i][0], world) for i in sharded}
-    plan = dict(zip(sharded, owner_plan([dims[i] for i in sharded], world)))
+    owners, rows, offsets = _owner_layout(tuple(dims[i] for i in sharded), world)
+    plan = dict(zip(sharded, owners))
+    rows = dict(zip(sharded, rows))
+    offsets = dict(zip(sharded, offsets))
     local = {}
     for i in sharded:
         t = directions[i].to_local()
@@ -216,18 +227,16 @@ def owner_lmo(lmo: Stage, directions: list[Tensor], group: dict) -> list[Tensor]
             raise RuntimeError(f"owner_lmo: local shard of a {tuple(directions[i].shape)} DTensor has "
                                f"{t.shape[0]} rows on rank {rank}, expected {rows[i][rank]} (torch.chunk layout)")
         local[i] = t.reshape(t.shape[0], dims[i][1])
-    mine = [i for i in sharded if plan[i] == rank]
     OWNER_STATS["calls"] += 1
-    OWNER_STATS["work"] += sum(m * n * min(m, n) for m, n in (dims[i] for i in mine))
+    OWNER_STATS["work"] += sum(m * n * min(m, n) for m, n in (dims[i] for i in sharded if plan[i] == rank))
 
-    full: dict[int, Tensor] = {}
-    result_local: dict[int, Tensor] = {}
-    buckets: dict[tuple, list[int]] = {}
+    buckets: dict[tuple, list[list[int]]] = {}     # (dtype, device) → matrices by owner rank
     for i in sharded:
-        buckets.setdefault((local[i].dtype, local[i].device), []).append(i)
-    for (dtype, device), idx in buckets.items():
-        own = [i for i in idx if plan[i] == rank]
-        blocks = _exchange([[local[i] for i in idx if plan[i] == r] for r in range(world)],
+        buckets.setdefault((local[i].dtype, local[i].device), [[] for _ in range(world)])[plan[i]].append(i)
+    full: dict[int, Tensor] = {}
+    for (dtype, device), by_owner in buckets.items():
+        own = by_owner[rank]
+        blocks = _exchange([[local[i] for i in by_owner[r]] for r in range(world)],
                            [sum(rows[i][r] * dims[i][1] for i in own) for r in range(world)], dtype, device, pg)
         pieces: dict[int, list[Tensor]] = {i: [] for i in own}
         for r, block in enumerate(blocks):
@@ -237,18 +246,17 @@ def owner_lmo(lmo: Stage, directions: list[Tensor], group: dict) -> list[Tensor]
             full[i] = torch.cat(pieces[i])
             if directions[i].dim() < 2:
                 full[i] = full[i].reshape(directions[i].shape)
-    others = [i for i in range(len(directions)) if i not in plan]
-    todo = [i for i in sharded if i in full] + others
+    todo = list(full) + [i for i in range(len(directions)) if i not in plan]
     results = dict(zip(todo, lmo([full[i] if i in full else full_view(directions[i]) for i in todo], inner)))
-    for (dtype, device), idx in buckets.items():
-        own = [i for i in idx if plan[i] == rank]
-        offsets = {i: [sum(rows[i][:r]) for r in range(world)] for i in own}
-        send = [[results[i].reshape(dims[i][0], dims[i][1])[offsets[i][r]:offsets[i][r] + rows[i][r]]
-                 .to(dtype) for i in own] for r in range(world)]
-        blocks = _exchange(send, [sum(rows[i][rank] * dims[i][1] for i in idx if plan[i] == r)
-                                  for r in range(world)], dtype, device, pg)
+    result_local: dict[int, Tensor] = {}
+    for (dtype, device), by_owner in buckets.items():
+        own = by_owner[rank]
+        send = [[results[i].reshape(dims[i])[offsets[i][r]:offsets[i][r] + rows[i][r]].to(dtype) for i in own]
+                for r in range(world)]
+        blocks = _exchange(send, [sum(rows[i][rank] * dims[i][1] for i in by_owner[r]) for r in range(world)],
+                           dtype, device, pg)
         for r, block in enumerate(blocks):
-            theirs = [i for i in idx if plan[i] == r]
+            theirs = by_owner[r]
             for piece, i in zip(block.split([rows[i][rank] * dims[i][1] for i in theirs]), theirs):
                 result_local[i] = piece.view(rows[i][rank], *((dims[i][1],) if directions[i].dim() >= 2
                                                               else directions[i].shape[1:]))
