@@ -167,7 +167,7 @@ def test_byzantine_least_squares_robust_rules_converge_and_the_mean_fails(attack
     assert not mean < 1.0, mean                                 # diverges (inf/nan/huge) or stalls far away
     assert _dist("flag", attack, scale="median_norm") < 1e-3 * start
     assert _dist("median", attack) < 0.05 * start
-    assert _dist("krum", attack) < 0.02 * start
+    assert _dist("krum", attack) < 0.03 * start                 # one worker's batch gradient: slower
     assert _dist("multi_krum", attack) < 0.01 * start
 
 

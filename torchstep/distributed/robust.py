@@ -16,7 +16,6 @@ arXiv 1803.01498.  See ``docs/distributed-robust.md``.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
