@@ -190,9 +190,11 @@ def newton_schulz_many_split(matrices: Sequence[Tensor], group=None, **kwargs) -
     Each matrix is given to one owner rank by the cost-balanced LPT plan
     (:func:`torchstep.ops.sharding.owner_plan`, cost m·n·min(m, n)); each rank orthogonalises its own
     matrices (batched by shape), then every owner broadcasts **one flat buffer** with all its results (one
-    broadcast per owner and dtype, not one per matrix).  The output is bitwise the unsplit call's on every
-    rank (same values, and the same strides: results travel in the memory order NS produced them), with
-    about 1/W of the Newton–Schulz work per rank.
+    broadcast per owner and dtype, not one per matrix).  The output is the unsplit call's on every rank, with
+    the same strides (results travel in the memory order NS produced them), with about 1/W of the
+    Newton–Schulz work per rank — bitwise on CPU (tested); an owner stacks a different subset of same-shape
+    matrices than the unsplit call, so where a batched GEMM picks its kernel by batch size (cuBLAS) equality
+    is up to rounding (unverified on GPU).
 
     Args:
         matrices: the (…, m, n) tensors, identical on every rank (the plan only reads shapes).

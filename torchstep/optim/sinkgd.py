@@ -50,6 +50,8 @@ class SinkGD(MatrixHybrid):
 
     Paper: Scetbon, Ma, Gong, Meeds, "Gradient Multi-Normalization for Stateless and Scalable LLM
     Training", arXiv 2502.06742; no official code.  Memory: none for matrices.
+    Under FSDP2 each matrix's normalisation runs once, on the whole matrix, on its owner rank
+    (:func:`torchstep.optim.matrix.owner_lmo`); under DDP every rank computes every matrix (no split).
     """
 
     matrix_rule = SINKGD

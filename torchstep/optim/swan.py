@@ -72,6 +72,8 @@ class SWAN(MatrixHybrid):
     Training", ICML 2025, arXiv 2412.13148; no official code — the whitening iteration and its step count
     are our choices; that ``G̃`` in the rescale is the GradNorm output is read from a third-party
     transcription (the paper body could not be read here).  Memory: none for matrices.
+    Under FSDP2 each matrix's normalisation runs once, on the whole matrix, on its owner rank
+    (:func:`torchstep.optim.matrix.owner_lmo`); under DDP every rank computes every matrix (no split).
     """
 
     matrix_rule = SWAN_RULE
