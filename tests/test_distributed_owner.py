@@ -20,7 +20,7 @@ from torchstep.ops.sharding import (MODELS, exchange_bytes, ns_cost, owner_plan,
                                     round_robin_plan, shard_rows)
 
 STEPS = 3
-MATRIX_OPTIMIZERS = ("muon", "normuon", "muonpp", "lanton", "sinkgd", "swan", "lanton-sign")
+MATRIX_OPTIMIZERS = ("muon", "normuon", "muonpp", "lanton", "sinkgd", "swan", "lanton-sign", "normuon-official")
 NS_FAMILY = ("muon", "normuon", "muonpp", "lanton")          # the groups with ns_dtype / split_across_ranks
 # every sharded row count at W = 2: (7, 6) → [4, 3], (18, 7) → [9, 9], (3, 18) → [2, 1], (1, 3) → [1, 0]
 WIDTHS = (6, 7, 18, 3, 1)
@@ -112,6 +112,8 @@ def _batch(step):
 def _optimizer(name, params, **extra):
     if name == "lanton-sign":     # every tensor, 1-D biases included, through the sign LMO (owner path for vectors)
         name, params, extra = "lanton", [{"params": list(params), "use_muon": True}], {"lmo": "sign", **extra}
+    if name == "normuon-official":   # the ‖O‖_F/‖Ô‖_F rescale (two whole-matrix norms of sharded DTensors)
+        name, extra = "normuon", {"compat": "official", **extra}
     kwargs = {**FIXTURES[name].base_kwargs, "lr": 1e-2, **extra}
     if name in NS_FAMILY:
         kwargs["ns_dtype"] = "float32"
