@@ -116,8 +116,9 @@ class MatrixRule(Rule):
 
 
 # ---------------------------------------------------------------------- sharded (FSDP2) LMO
-#: Counters of :func:`owner_lmo` on this rank (plain ints, no device sync): bytes sent to other ranks,
-#: elements of LMO input this rank gathered as owner, and its NS work Σ m·n·min(m, n).  Reset by assigning 0.
+#: Counters of :func:`owner_lmo` on this rank (plain ints, no device sync): calls (one per sharded group and
+#: step), payload bytes sent to / received from other ranks (both exchanges), and this rank's owner work
+#: Σ m·n·min(m, n).  Reset by assigning 0.
 OWNER_STATS = {"calls": 0, "bytes_sent": 0, "bytes_received": 0, "work": 0}
 
 
