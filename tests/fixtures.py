@@ -44,9 +44,10 @@ _WD_INVALID = (({"weight_decay": -0.1}, "weight_decay"),)
 FIXTURES: dict[str, Fixture] = {f.name: f for f in [
     Fixture(
         "adamw",
-        configs=(({}, "default"), ({"weight_decay": 0.0}, "no decay"), ({"maximize": True}, "maximize")),
-        invalid=_COMMON_INVALID + _BETAS_INVALID + _EPS_INVALID + _WD_INVALID,
-        quadratic_lr=1e-1, rosenbrock_lr=2e-2),
+        configs=(({}, "default"), ({"weight_decay": 0.0}, "no decay"), ({"maximize": True}, "maximize"),
+                 ({"compile": "aot_eager"}, "compiled step (aot_eager backend: the graph Inductor gets)")),
+        invalid=_COMMON_INVALID + _BETAS_INVALID + _EPS_INVALID + _WD_INVALID + (({"compile": "nope"}, "compile"),),
+        quadratic_lr=1e-1, rosenbrock_lr=2e-2, converge_only=("default", "no decay", "maximize")),
     Fixture(
         "lion",
         configs=(({}, "default"), ({"weight_decay": 0.1}, "decoupled wd"),

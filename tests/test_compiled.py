@@ -17,7 +17,7 @@ from torch._dynamo.utils import counters
 from fixtures import FIXTURES
 from helpers import assert_state_equal, roundtrip
 
-SHAPES = [(8, 5), (5,), (3, 2, 4), (6, 6)]
+SHAPES = [(8, 5), (5,), (3, 2, 4), (6, 6), ()]
 
 
 def _compilable():

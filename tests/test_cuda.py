@@ -77,3 +77,28 @@ def test_step_without_host_sync(name):
             opt.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def _compilable(name):
+    return getattr(getattr(SPECS[name].cls, "rule", None), "compilable", False)
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(SPECS) if _compilable(n)])
+def test_compiled_mask_step_equals_eager_without_host_sync(name):
+    """``compile=True`` (Triton) with the sync-free ``nonfinite="mask"`` policy: equals the eager CPU run and
+    a step (after compilation) never waits on the device, also with a NaN gradient."""
+    cpu, _, _ = _run(name, "cpu", torch.float32)
+    gpu, opt, params = _run(name, "cuda", torch.float32, compile=True, nonfinite="mask")
+    for a, b in zip(cpu, gpu):
+        torch.testing.assert_close(b, a, rtol=FP32_TOL, atol=FP32_TOL)
+    opt.zero_grad(set_to_none=True)
+    toy_loss(params, 10).backward()
+    params[0].grad.view(-1)[0] = float("nan")
+    before = params[0].detach().clone()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(params[0], before)

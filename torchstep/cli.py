@@ -106,7 +106,14 @@ def cmd_bench_speed(args: argparse.Namespace) -> None:
         fail(f"invalid --device {args.device!r}; valid: a torch device string such as cpu or cuda")
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: no CUDA device is available")
-    speed.main(rounds=args.rounds, steps=args.steps, optimizers=args.optimizers, out=args.out, device=args.device)
+    if args.ns:
+        speed.main_ns(rounds=args.rounds, dims=args.dims, aspects=args.aspects, configs=args.configs,
+                      with_torch=not args.no_torch, out=args.out)
+    elif args.compiled:
+        speed.main_compiled(rounds=args.rounds, steps=args.steps, optimizers=args.optimizers, out=args.out,
+                            device=args.device)
+    else:
+        speed.main(rounds=args.rounds, steps=args.steps, optimizers=args.optimizers, out=args.out, device=args.device)
 
 
 def cmd_bench_memory(args: argparse.Namespace) -> None:
@@ -334,6 +341,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torchstep optimizers to time (default: all; torch AdamW is always timed)")
     speed.add_argument("--out", default=None, metavar="FILE", help="also write the tables to FILE (markdown)")
     speed.add_argument("--device", default="cpu", help="device to time on (default cpu; e.g. cuda)")
+    mode = speed.add_mutually_exclusive_group()
+    mode.add_argument("--compiled", action="store_true",
+                      help="the compiled-step table: every compilable method eager vs compile=True against fused and "
+                           "compiled torch AdamW, pytorch-optimizer and HeavyBall, with first-step compile seconds")
+    mode.add_argument("--ns", action="store_true", help="the Gram vs standard Newton–Schulz table (--dims, --aspects)")
+    speed.add_argument("--dims", type=int, nargs="+", default=[256, 512, 1024], help="--ns: matrix sizes d")
+    speed.add_argument("--aspects", type=int, nargs="+", default=[4, 1], help="--ns: aspect ratios (d×a·d)")
+    speed.add_argument("--configs", nargs="+", default=None, help="--ns: subset of the NS configurations, e.g. "
+                                                                  "'gram fp32'")
+    speed.add_argument("--no-torch", action="store_true", help="--ns: leave out torch.optim.Muon (bf16)")
     speed.set_defaults(func=cmd_bench_speed)
     mem = bench_sub.add_parser("memory", help="optimizer-state bytes (exact) and peak memory of one GPT step per arm",
                                description="One forward/backward/step of the byte GPT per arm, each in a fresh "

@@ -120,6 +120,126 @@ def table(times: dict[str, list[float]]) -> list[list[Any]]:
     return rows
 
 
+# ---------------------------------------------------------------------- compiled steps (compile=True)
+#: HeavyBall (compile-first, pip ``heavyball``) classes for the arms it also implements: (class, kwargs)
+HEAVYBALL = {"adamw": ("AdamW", {"betas": (0.9, 0.999), "eps": 1e-8}),
+             "schedulefree-adamw": ("SFAdamW", {"betas": (0.9, 0.999), "eps": 1e-8})}
+
+
+class _CompiledTorchStep:
+    """torch's recipe for a compiled optimizer: ``torch.compile(opt.step)`` (float lr: the benchmark never changes it)."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.opt, self.step = opt, torch.compile(opt.step)
+
+
+def compiled_names() -> list[str]:
+    """Registered arms whose rule has a compiled formulation (``compile=True`` accepted)."""
+    return [name for name, arm in ARMS.items() if name in SPECS
+            and getattr(getattr(SPECS[name].cls, "rule", None), "compilable", False)]
+
+
+def compiled_candidates(selected: list[str] | None = None) -> dict[str, Callable[[list[torch.Tensor]], Any]]:
+    """label → builder: torch AdamW fused and compiled (anchors), then per compilable arm the eager and
+    ``compile=True`` torchstep optimizer, the pytorch-optimizer peer and the HeavyBall peer (same lr)."""
+    out: dict[str, Callable[[list[torch.Tensor]], Any]] = {
+        "torch AdamW (fused)": lambda ps: torch.optim.AdamW(ps, fused=True, lr=1e-3, weight_decay=1e-2),
+        "torch AdamW (compiled)": lambda ps: _CompiledTorchStep(
+            torch.optim.AdamW(ps, foreach=True, lr=1e-3, weight_decay=1e-2)),
+    }
+    try:
+        import pytorch_optimizer as peer
+    except ImportError:
+        peer = None
+    try:
+        import heavyball
+    except ImportError:
+        heavyball = None
+    for name in compiled_names():
+        if selected and name not in selected:
+            continue
+        arm = ARMS[name]
+        out[f"torchstep {name}"] = lambda ps, arm=arm: arm.make(ps, arm.default_lr)
+        out[f"torchstep {name} (compiled)"] = lambda ps, arm=arm: arm.make(ps, arm.default_lr, compile=True)
+        if peer is not None and arm.peer is not None:
+            cls_name, kw = arm.peer
+            out[f"pytorch-optimizer {name}"] = (lambda ps, c=getattr(peer, cls_name), kw=kw, lr=arm.default_lr:
+                                                c(ps, lr=lr, **kw))
+        if heavyball is not None and name in HEAVYBALL:
+            cls_name, kw = HEAVYBALL[name]
+            out[f"heavyball {name}"] = (lambda ps, c=getattr(heavyball, cls_name), kw=kw, arm=arm:
+                                        c(ps, lr=arm.default_lr, weight_decay=arm.kwargs.get("weight_decay", 0.0),
+                                          **kw))
+    return out
+
+
+def measure_compiled(selected: list[str] | None, rounds: int, steps: int, warmup: int = 3, device: str = "cpu"
+                     ) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Interleaved step times of :func:`compiled_candidates`, and each candidate's first-step seconds (for
+    compiled ones: tracing + Inductor codegen + C++/Triton compile, timed with a fresh Inductor cache)."""
+    import os
+    import tempfile
+    torch.set_num_threads(1)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="torchstep-speed-")   # a cold compile
+    setups, first = {}, {}
+    for label, build in compiled_candidates(selected).items():
+        params, grads = _params(device=device)
+        opt = build(params)
+        _sync(params)
+        start = time.perf_counter()
+        opt.step()
+        _sync(params)
+        first[label] = time.perf_counter() - start
+        setups[label] = (opt, params, grads)
+    return _interleaved(setups, rounds, steps, max(0, warmup - 1)), first
+
+
+COMPILED_HEADERS = ["method", "eager ms", "compiled ms", "compiled × AdamW fused", "pytorch-optimizer ms",
+                    "compiled speed-up vs pytorch-optimizer", "HeavyBall ms", "first compiled step s",
+                    "compile pays off after (steps)"]
+
+
+def compiled_table(times: dict[str, list[float]], first: dict[str, float]) -> list[list[Any]]:
+    """One row per method: median ms eager / compiled, ratios to fused AdamW (same run) and to the peers,
+    first-step seconds and the step count after which compiling pays off (compile time / time saved)."""
+    med = {k: statistics.median(v) for k, v in times.items()}
+    fused = med["torch AdamW (fused)"]
+    rows = [["torch AdamW (fused)", "–", f"{fused:.2f}", "1.00", "–", "–", "–", f"{first['torch AdamW (fused)']:.2f}",
+             "–"],
+            ["torch AdamW (torch.compile(step))", "–", f"{med['torch AdamW (compiled)']:.2f}",
+             f"{med['torch AdamW (compiled)'] / fused:.2f}", "–", "–", "–",
+             f"{first['torch AdamW (compiled)']:.1f}", "–"]]
+    for label in med:
+        if not (label.startswith("torchstep ") and label.endswith("(compiled)")):
+            continue
+        name = label.split()[1]
+        eager, compiled = med[f"torchstep {name}"], med[label]
+        peer, hb = med.get(f"pytorch-optimizer {name}"), med.get(f"heavyball {name}")
+        saved = eager - compiled
+        payoff = f"{(first[label] - first[f'torchstep {name}']) / saved * 1e3:.0f}" if saved > 0 else "never"
+        rows.append([name, f"{eager:.2f}", f"{compiled:.2f}", f"{compiled / fused:.2f}",
+                     f"{peer:.2f}" if peer else "–", f"{peer / compiled:.2f}" if peer else "–",
+                     f"{hb:.2f}" if hb else "–", f"{first[label]:.1f}", payoff])
+    return rows
+
+
+def main_compiled(rounds: int = 3, steps: int = 30, optimizers: list[str] | None = None, out: str | None = None,
+                  device: str = "cpu") -> str:
+    """Print (and with ``out`` write) the compiled-step table (``torchstep bench speed --compiled``)."""
+    from tabulate import tabulate
+    times, first = measure_compiled(optimizers, rounds, steps, device=device)
+    n_params = sum(torch.Size(s).numel() for s in SHAPES)
+    text = (tabulate(compiled_table(times, first), headers=COMPILED_HEADERS, tablefmt="github")
+            + f"\n\n{len(SHAPES)} tensors, {n_params / 1e6:.2f}M fp32 parameters; {rounds} interleaved rounds × "
+              f"{steps} timed steps; 1 thread; torch {torch.__version__}; nonfinite='skip' (the default) for torchstep; "
+              f"{platform.processor() or platform.machine()}")
+    print(text)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text + "\n")
+    return text
+
+
 #: many same-shape matrices: where batched Newton–Schulz pays off
 MATRIX_SHAPES = [(256, 256)] * 16 + [(256, 1024)] * 4
 
@@ -279,23 +399,15 @@ def ns_gram_table(rows: list[dict[str, Any]]) -> str:
                                    "‖O − UVᵀ‖/‖UVᵀ‖", "σ(O)"], tablefmt="github")
 
 
-if __name__ == "__main__":   # python -m torchstep.bench.speed --ns [--rounds N] [--dims D ...] [--aspects A ...] [--out FILE]
-    import argparse
-    ap = argparse.ArgumentParser(description="Newton–Schulz Gram-iteration table (docs/speed.md)")
-    ap.add_argument("--ns", action="store_true", help="the Gram vs standard Newton–Schulz table")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--dims", type=int, nargs="+", default=[256, 512, 1024])
-    ap.add_argument("--aspects", type=int, nargs="+", default=[4, 1])
-    ap.add_argument("--configs", nargs="+", default=None, help="subset of NS_CONFIGS labels, e.g. 'gram fp32'")
-    ap.add_argument("--no-torch", action="store_true", help="leave out torch.optim.Muon (bf16)")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    if args.ns:
-        text = ns_gram_table(measure_ns_gram(tuple(args.dims), args.rounds, aspects=tuple(args.aspects),
-                                             configs=args.configs, with_torch=not args.no_torch))
-        text += (f"\n\n{args.rounds} interleaved rounds (+1 warm-up), medians; 1 thread; torch {torch.__version__}; "
-                 f"{platform.processor() or platform.machine()}")
-        print(text)
-        if args.out:
-            with open(args.out, "w") as fh:
-                fh.write(text + "\n")
+def main_ns(rounds: int = 3, dims=(256, 512, 1024), aspects=(4, 1), configs=None, with_torch: bool = True,
+            out: str | None = None) -> str:
+    """Print (and with ``out`` write) the Gram vs standard Newton–Schulz table (``torchstep bench speed --ns``)."""
+    text = ns_gram_table(measure_ns_gram(tuple(dims), rounds, aspects=tuple(aspects), configs=configs,
+                                         with_torch=with_torch))
+    text += (f"\n\n{rounds} interleaved rounds (+1 warm-up), medians; 1 thread; torch {torch.__version__}; "
+             f"{platform.processor() or platform.machine()}")
+    print(text)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text + "\n")
+    return text

@@ -70,9 +70,16 @@ class CompiledStep:
         device = params[0].device
         if device.type != "cpu":
             values = values.pin_memory().to(device, non_blocking=True)
-        tensor_states = [{k: v for k, v in s.items() if k != "step" and isinstance(v, Tensor)} for s in states]
+        tensor_states = [{k: _1d(v) for k, v in s.items() if k != "step" and isinstance(v, Tensor)} for s in states]
         constants_group = {k: v for k, v in group.items() if k not in _HOST_KEYS}
-        self.fn(rule.kernel, params, grads, tensor_states, constants_group, constants, names, values)
+        self.fn(rule.kernel, [_1d(p) for p in params], [_1d(g) for g in grads], tensor_states, constants_group,
+                constants, names, values)
+
+
+def _1d(t: Tensor) -> Tensor:
+    """A 0-d tensor as a 1-element view: dynamo drops in-place updates of 0-d float64 CPU inputs (it
+    treats them like Python scalars; measured on torch 2.13), a view of shape (1,) keeps them."""
+    return t.view(1) if t.dim() == 0 else t
 
 
 def check_compile(value: Any, rule) -> None:
