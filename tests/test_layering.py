@@ -1,4 +1,5 @@
-"""``torchstep.objectives`` and ``torchstep.peft`` depend on torch (and at most ``torchstep.ops`` / ``partition``);
+"""``torchstep.objectives``, ``torchstep.peft`` and ``torchstep.distributed`` depend on torch (and at most
+``torchstep.ops`` / ``partition``);
 ``optim`` never imports them."""
 import ast
 from pathlib import Path
@@ -32,3 +33,11 @@ def test_peft_imports_only_ops_and_partition_and_optim_never_imports_it():
         assert not bad, (f.name, bad)
     for f in (ROOT / "optim").glob("*.py"):
         assert not {m for m in _torchstep_imports(f) if m.startswith("peft")}, f.name
+
+
+def test_distributed_imports_only_ops_and_partition_and_optim_never_imports_it():
+    for f in (ROOT / "distributed").glob("*.py"):
+        bad = {m for m in _torchstep_imports(f) if not m.startswith(("distributed", "ops", "partition"))}
+        assert not bad, (f.name, bad)
+    for f in (ROOT / "optim").glob("*.py"):
+        assert not {m for m in _torchstep_imports(f) if m.startswith("distributed")}, f.name
