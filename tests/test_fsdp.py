@@ -82,6 +82,15 @@ def _train(name, kw, model, shard=None):
     return opt
 
 
+def _train_spectra(model, pre_clip, shard=None):
+    from torchstep.optim.spectra import Spectra
+    opt = Spectra(torchstep.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), c=0.05, pre_clip=pre_clip)
+    for step in range(STEPS):
+        opt.zero_grad()
+        _loss(model, step, shard).backward()
+        opt.step()
+
+
 def _shard(model, force_sum=True):
     from torch.distributed.fsdp import fully_shard
     for layer in (model[0], model[2]):
@@ -143,6 +152,10 @@ def _worker(rank, init_file, out_file):
             out["cases"][label] = ([p.full_tensor() for p in model.parameters()], _state_problems(opt), None)
         except Exception as err:   # reported per case in the parent
             out["cases"][label] = (None, None, f"{type(err).__name__}: {err}"[:400])
+    for pre_clip in (None, 0.1):     # the Spectra wrapper (not registered): gathered spectral clipping
+        model = _shard(_model())
+        _train_spectra(model, pre_clip, rank)
+        out[f"spectra-{pre_clip}"] = [p.full_tensor() for p in model.parameters()]
     # inf in rank 1's shard of layer 0's weight only: that weight is skipped on both ranks, the rest moves
     torch.manual_seed(0)
     model = torch.nn.Sequential(_PoisonedLinear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 7))
@@ -202,3 +215,12 @@ def test_fsdp2_matches_single_process_training(fsdp_results, label, name, kw):
     for i, (got, want) in enumerate(zip(params, model.parameters())):
         torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5, msg=f"{label}: parameter {i}")
     assert not problems, problems
+
+
+@pytest.mark.parametrize("pre_clip", [None, 0.1])
+def test_spectra_under_fsdp2_matches_single_process(fsdp_results, pre_clip):
+    torch.set_num_threads(1)
+    model = _model()
+    _train_spectra(model, pre_clip)
+    for got, want in zip(fsdp_results[f"spectra-{pre_clip}"], model.parameters()):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)

@@ -10,6 +10,7 @@ from torch import Tensor
 from ..ops.shapes import as_matrix, matrix_dims, shape_scale
 from ..ops.spectral import soft_spectral_clip
 from ._base import check_choice, check_range, evaluate_closure, scalar
+from ._dtensor import is_dtensor, settled
 from .wrapper import OptimizerWrapper
 
 
@@ -54,6 +55,10 @@ class Spectra(OptimizerWrapper):
     Paper: Jiang, Semenov, Stich, "SPECTRA: Spectral Clipping…", ICML 2026, arXiv 2603.14315; official
     code mlolab/llm-spectral-clipping.  Memory: the base's state plus a transient copy of each parameter
     during the step.
+
+    Under FSDP2 (DTensor parameters): the clipping map needs the whole matrix, so each clipped update (and
+    pre-clipped gradient) is all-gathered, mapped identically on every rank, and its local shard kept — one
+    all-gather and a full-size transient per matrix and step; the base runs on the shards.
     """
 
     def __init__(self, base: torch.optim.Optimizer, c: float = 1.0, ns_steps: int = 10, apply_to: str = "2d",
@@ -79,6 +84,10 @@ class Spectra(OptimizerWrapper):
         return p.dim() >= 2 or self.apply_to == "all"
 
     def _clip(self, u: Tensor, c: float) -> Tensor:
+        if is_dtensor(u):   # FSDP2: the spectral map needs the whole matrix — gathered, same result on every rank
+            from torch.distributed.tensor import distribute_tensor
+            return distribute_tensor(self._clip(settled(u).full_tensor(), c), u.device_mesh, u.placements,
+                                     src_data_rank=None)
         return soft_spectral_clip(as_matrix(u) if u.dim() >= 2 else u, c, self.ns_steps).reshape(u.shape)
 
     @torch.no_grad()
