@@ -20,8 +20,9 @@ from torchstep.ops.sharding import (MODELS, exchange_bytes, ns_cost, owner_plan,
                                     round_robin_plan, shard_rows)
 
 STEPS = 3
-MATRIX_OPTIMIZERS = ("muon", "normuon", "muonpp", "lanton", "sinkgd", "swan", "lanton-sign", "normuon-official")
-NS_FAMILY = ("muon", "normuon", "muonpp", "lanton")          # the groups with ns_dtype / split_across_ranks
+MATRIX_OPTIMIZERS = ("muon", "normuon", "muonpp", "lanton", "sinkgd", "swan", "lanton-sign", "normuon-official",
+                     "muon-groups")
+NS_FAMILY = ("muon", "normuon", "muonpp", "lanton", "muon-groups")   # also run under DDP, with and without split
 # every sharded row count at W = 2: (7, 6) → [4, 3], (18, 7) → [9, 9], (3, 18) → [2, 1], (1, 3) → [1, 0]
 WIDTHS = (6, 7, 18, 3, 1)
 
@@ -74,6 +75,20 @@ def test_lpt_beats_round_robin_on_gpt2_small_at_8_ranks():
     assert plan_balance(shapes, owner_plan(shapes, 8), 8) == pytest.approx(1.0)
 
 
+def test_a_plan_can_continue_from_earlier_loads():
+    # rank 0 already carries 10: both jobs (cost 8 each) go to rank 1 (0 < 10, then 8 < 10)
+    assert owner_plan([(2, 2), (2, 2)], 2, initial_loads=[10, 0]) == [1, 1]
+    assert owner_plan([(2, 2)] * 3, 3, initial_loads=[0, 0, 0]) == owner_plan([(2, 2)] * 3, 3) == [0, 1, 2]
+    # one matrix per group, planned one group at a time: with carried loads the groups spread out
+    shapes, loads, owners = [(7, 6), (18, 7), (3, 18), (1, 3)], [0, 0], []
+    for s in shapes:
+        (o,) = owner_plan([s], 2, initial_loads=loads)
+        loads[o] += ns_cost(s)
+        owners.append(o)
+    assert owners == [0, 1, 0, 0] and loads == [252 + 162 + 3, 882]
+    assert [owner_plan([s], 2)[0] for s in shapes] == [0, 0, 0, 0]      # without: everything on rank 0
+
+
 def test_shard_rows_and_exchange_bytes():
     assert shard_rows(7, 2) == [4, 3] and shard_rows(10, 4) == [3, 3, 3, 1] and shard_rows(5, 4) == [2, 2, 1, 0]
     assert shard_rows(18, 8) == [3, 3, 3, 3, 3, 3, 0, 0] and shard_rows(0, 3) == [0, 0, 0]
@@ -112,10 +127,13 @@ def _batch(step):
 def _optimizer(name, params, **extra):
     if name == "lanton-sign":     # every tensor, 1-D biases included, through the sign LMO (owner path for vectors)
         name, params, extra = "lanton", [{"params": list(params), "use_muon": True}], {"lmo": "sign", **extra}
+    if name == "muon-groups":     # one matrix per group: the groups' plans share their per-rank loads
+        params = list(params)
+        name, params = "muon", [{"params": [p], "use_muon": p.dim() >= 2} for p in params]
     if name == "normuon-official":   # the ‖O‖_F/‖Ô‖_F rescale (two whole-matrix norms of sharded DTensors)
         name, extra = "normuon", {"compat": "official", **extra}
     kwargs = {**FIXTURES[name].base_kwargs, "lr": 1e-2, **extra}
-    if name in NS_FAMILY:
+    if name in NS_FAMILY:   # (after the variants above: the registered names)
         kwargs["ns_dtype"] = "float32"
     return FIXTURES[name].cls(params, **kwargs)
 
@@ -242,3 +260,10 @@ def test_ddp_split_sends_one_broadcast_per_owner(spawned):
         assert stats["bytes_broadcast"] == STEPS * own
         assert stats["bytes_received"] == STEPS * (sum(a * b for a, b in shapes) * 4 - own)
         assert stats["work"] == STEPS * sum(ns_cost(s) for s, o in zip(shapes, plan) if o == r)
+
+
+def test_groups_share_their_owner_loads_within_a_step(spawned):
+    # muon-groups: each weight in its own group; the plans continue from each other (owners [0, 1, 0, 0])
+    want = [(252 + 162 + 3) * STEPS, 882 * STEPS]
+    assert [spawned[f"stats/muon-groups/{r}"]["work"] for r in range(2)] == want
+    assert [spawned[f"split-stats/muon-groups/{r}"]["work"] for r in range(2)] == want

@@ -184,7 +184,8 @@ def _unwire(flat: Tensor, shape: torch.Size) -> Tensor:
 SPLIT_STATS = {"calls": 0, "broadcasts": 0, "bytes_broadcast": 0, "bytes_received": 0, "work": 0}
 
 
-def newton_schulz_many_split(matrices: Sequence[Tensor], group=None, **kwargs) -> list[Tensor]:
+def newton_schulz_many_split(matrices: Sequence[Tensor], group=None, loads: list[int] | None = None,
+                             **kwargs) -> list[Tensor]:
     """Data-parallel variant of :func:`newton_schulz_many` (DDP: every rank holds every matrix).
 
     Each matrix is given to one owner rank by the cost-balanced LPT plan
@@ -199,6 +200,8 @@ def newton_schulz_many_split(matrices: Sequence[Tensor], group=None, **kwargs) -
     Args:
         matrices: the (…, m, n) tensors, identical on every rank (the plan only reads shapes).
         group: the process group (default: the world).
+        loads: per-rank NS load of earlier calls in the same step (the plan continues from it and adds this
+            call's matrices to it, in place); None: a fresh plan.
         **kwargs: :func:`newton_schulz`'s arguments.
 
     Falls back to the unsplit call when ``torch.distributed`` is not initialised.  Traffic: each owner sends
@@ -210,7 +213,10 @@ def newton_schulz_many_split(matrices: Sequence[Tensor], group=None, **kwargs) -
     if not (dist.is_available() and dist.is_initialized()):
         return newton_schulz_many(matrices, **kwargs)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    plan = owner_plan([tuple(m.shape) for m in matrices], world)
+    plan = owner_plan([tuple(m.shape) for m in matrices], world, initial_loads=loads)
+    if loads is not None:
+        for m, o in zip(matrices, plan):
+            loads[o] += ns_work(m.shape)
     mine = [i for i, o in enumerate(plan) if o == rank]
     done = dict(zip(mine, newton_schulz_many([matrices[i] for i in mine], **kwargs)))
     SPLIT_STATS["calls"] += 1

@@ -43,19 +43,25 @@ def ns_cost(shape: Shape) -> int:
     return m * n * min(m, n)
 
 
-def owner_plan(shapes: Sequence[Shape], world: int, cost: Callable[[Shape], int] = ns_cost) -> list[int]:
+def owner_plan(shapes: Sequence[Shape], world: int, cost: Callable[[Shape], int] = ns_cost,
+               initial_loads: Sequence[int] | None = None) -> list[int]:
     """The owner rank of each matrix by LPT on ``cost`` (module docstring); ``len(shapes)`` entries in [0, W).
 
     Args:
         shapes: the matrices' shapes (any ndim; flattened as :func:`matrix_dims`).
         world: number of ranks W ≥ 1.
         cost: job cost (default :func:`ns_cost`).
+        initial_loads: per-rank load already assigned (default zeros) — so that successive parameter groups
+            of one step continue balancing where the previous group left off instead of each starting on
+            rank 0 (:func:`torchstep.optim.matrix.shared_owner_loads`).
     """
     if world < 1:
         raise ValueError(f"Invalid world: {world!r} (valid range: an int >= 1)")
     costs = [cost(s) for s in shapes]
     order = sorted(range(len(shapes)), key=lambda i: (-costs[i], i))
-    heap = [(0, r) for r in range(world)]   # (load, rank): the min is the least-loaded, lowest rank
+    start = [0] * world if initial_loads is None else list(initial_loads)
+    heap = [(start[r], r) for r in range(world)]   # (load, rank): the min is the least-loaded, lowest rank
+    heapq.heapify(heap)
     plan = [0] * len(shapes)
     for i in order:
         load, r = heapq.heappop(heap)

@@ -21,7 +21,7 @@ from torch import Tensor
 from ..partition import FALLBACK_LABELS, MATRIX, split_by_tensor_label
 from ._base import Rule, TorchstepOptimizer, check_choice, check_range
 from .adamw import ADAMW
-from .matrix import MatrixRule
+from .matrix import MatrixRule, shared_owner_loads
 
 
 def hybrid_defaults(rule: MatrixRule, fallback_lr: float, fallback_betas: tuple[float, float], fallback_eps: float,
@@ -85,6 +85,12 @@ class MatrixHybrid(TorchstepOptimizer):
         d = {**self.defaults, **group}
         return {"lr": d["fallback_lr"], "betas": d["fallback_betas"], "eps": d["fallback_eps"],
                 "weight_decay": d["fallback_weight_decay"]}
+
+    def step(self, closure: Any = None) -> Any:
+        """One step; under DDP ``split_across_ranks`` / FSDP2 the owner plans of the matrix groups share
+        their per-rank loads (:func:`torchstep.optim.matrix.shared_owner_loads`)."""
+        with shared_owner_loads():
+            return super().step(closure)
 
     def _validate(self, group):
         check_choice("algo", group["algo"], self.algos)

@@ -21,11 +21,13 @@ A new matrix method is its rule (a ``MatrixRule(...)`` of stages from here or it
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import itertools
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -154,12 +156,35 @@ def _exchange(send: list[list[Tensor]], recv_numel: list[int], dtype: torch.dtyp
     return list(out.split(recv_numel))
 
 
+_STEP_LOADS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("torchstep_owner_loads", default=None)
+
+
+@contextlib.contextmanager
+def shared_owner_loads() -> Iterator[None]:
+    """Within the block, the owner plans of successive calls (parameter groups) continue from each other's
+    per-rank loads, so that many small groups do not all start on rank 0.  :class:`MatrixHybrid.step
+    <torchstep.optim.hybrid.MatrixHybrid>` wraps every step in it; every rank makes the same calls in the same
+    order (the collectives require it), so the plans stay identical across ranks."""
+    token = _STEP_LOADS.set({})
+    try:
+        yield
+    finally:
+        _STEP_LOADS.reset(token)
+
+
+def carried_loads(key: Any, world: int) -> list[int] | None:
+    """The running per-rank load list of process group ``key`` in the current :func:`shared_owner_loads`
+    block (mutated by the caller), or None outside one."""
+    loads = _STEP_LOADS.get()
+    return None if loads is None else loads.setdefault((key, world), [0] * world)
+
+
 @functools.lru_cache(maxsize=64)
-def _owner_layout(dims: tuple[tuple[int, int], ...], world: int) -> tuple[list[int], list[list[int]], list[list[int]]]:
-    """(owner plan, rows per rank, row offsets per rank) of a group's matrices — the same every step, cached."""
-    from ..ops.sharding import owner_plan, shard_rows
+def _row_layout(dims: tuple[tuple[int, int], ...], world: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(rows per rank, row offsets per rank) of a group's matrices — the same every step, cached."""
+    from ..ops.sharding import shard_rows
     rows = [shard_rows(m, world) for m, _ in dims]
-    return owner_plan(dims, world), rows, [[0, *itertools.accumulate(r[:-1])] for r in rows]
+    return rows, [[0, *itertools.accumulate(r[:-1])] for r in rows]
 
 
 def owner_lmo(lmo: Stage, directions: list[Tensor], group: dict) -> list[Tensor]:
@@ -195,7 +220,7 @@ def owner_lmo(lmo: Stage, directions: list[Tensor], group: dict) -> list[Tensor]
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from ..ops.sharding import matrix_dims
+    from ..ops.sharding import matrix_dims, ns_cost, owner_plan
     layouts = [_layout(d) for d in directions]
     sharded = [i for i, (kind, _) in enumerate(layouts) if kind == "shard"]
     mesh = layouts[sharded[0]][1] if sharded else None
@@ -217,7 +242,12 @@ def owner_lmo(lmo: Stage, directions: list[Tensor], group: dict) -> list[Tensor]
     if mesh.get_local_rank(0) != rank:   # shard index (mesh coordinate) must be the all_to_all slot
         raise NotImplementedError("owner_lmo: a device mesh whose coordinates differ from its group's ranks")
     dims = {i: matrix_dims(directions[i].shape) for i in sharded}
-    owners, rows, offsets = _owner_layout(tuple(dims[i] for i in sharded), world)
+    rows, offsets = _row_layout(tuple(dims[i] for i in sharded), world)
+    loads = carried_loads(id(pg), world)
+    owners = owner_plan([dims[i] for i in sharded], world, initial_loads=loads)
+    if loads is not None:
+        for i, o in zip(sharded, owners):
+            loads[o] += ns_cost(dims[i])
     plan = dict(zip(sharded, owners))
     rows = dict(zip(sharded, rows))
     offsets = dict(zip(sharded, offsets))
@@ -229,7 +259,7 @@ def owner_lmo(lmo: Stage, directions: list[Tensor], group: dict) -> list[Tensor]
                                f"{t.shape[0]} rows on rank {rank}, expected {rows[i][rank]} (torch.chunk layout)")
         local[i] = t.reshape(t.shape[0], dims[i][1])
     OWNER_STATS["calls"] += 1
-    OWNER_STATS["work"] += sum(m * n * min(m, n) for m, n in (dims[i] for i in sharded if plan[i] == rank))
+    OWNER_STATS["work"] += sum(ns_cost(dims[i]) for i in sharded if plan[i] == rank)
 
     buckets: dict[tuple, list[list[int]]] = {}     # (dtype, device) → matrices by owner rank
     for i in sharded:
@@ -311,9 +341,13 @@ def newton_schulz_lmo(matrices: list[Tensor], group: dict) -> list[Tensor]:
     it and broadcasts them (:func:`torchstep.ops.newton_schulz.newton_schulz_many_split`).  A group without
     ``ns_method`` (a checkpoint saved before it existed) runs the standard iteration.  (FSDP2 DTensors never
     reach this function sharded: :meth:`MatrixRule.update` routes them through :func:`owner_lmo`.)"""
-    run = newton_schulz_many_split if group.get("split_across_ranks") else newton_schulz_many
-    return run(matrices, steps=group["ns_steps"], preset=group["ns_preset"], compute_dtype=NS_DTYPES[group["ns_dtype"]],
-               method=group.get("ns_method", "standard"))
+    kwargs = dict(steps=group["ns_steps"], preset=group["ns_preset"], compute_dtype=NS_DTYPES[group["ns_dtype"]],
+                  method=group.get("ns_method", "standard"))
+    if group.get("split_across_ranks"):
+        import torch.distributed as dist
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return newton_schulz_many_split(matrices, loads=carried_loads(None, world), **kwargs)
+    return newton_schulz_many(matrices, **kwargs)
 
 
 def sign_lmo(matrices: list[Tensor], group: dict) -> list[Tensor]:
