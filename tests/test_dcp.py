@@ -1,6 +1,6 @@
 """``torch.distributed.checkpoint`` (DCP) with every registered optimizer under FSDP2 (gloo, 2 CPU processes).
 
-One ``mp.spawn``; per optimizer:
+The 2-rank part runs inside test_fsdp's single ``mp.spawn`` (one spawn for both files); per optimizer:
 (a) ``get_optimizer_state_dict`` on a fresh optimizer runs DCP's initialisation step (zero gradients, lr = 0):
     the parameters must stay bitwise unchanged;
 (b) train K steps, ``dcp.save`` model + optimizer, train N more; a fresh model/optimizer (other init) that
@@ -11,20 +11,17 @@ One ``mp.spawn``; per optimizer:
 """
 import copy
 import os
-import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 import torchstep
 from fixtures import FIXTURES
-from test_fsdp import WORLD, _loss, _model, _shard
+from test_fsdp import _loss, _model, _shard, spawn_results
 
 K, N = 2, 2          # steps before the checkpoint, steps after it
 NAMES = torchstep.list_optimizers()
@@ -63,19 +60,12 @@ def _full(model):
     return [p.full_tensor().detach().clone() for p in model.parameters()]
 
 
-def _worker(rank, root, out_file):
-    dist.init_process_group("gloo", init_method=f"file://{root}/init", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
+def dcp_work(rank, root):
+    """This rank's part of every DCP case (run inside test_fsdp's one spawn); checkpoints go under ``root``."""
     out = {}
     for label, (name, kw) in CASES.items():
         try:
             res = {}
-            # (a) DCP's initialisation step on a fresh optimizer
-            model = _shard(_model())
-            opt = _optimizer(name, model, kw)
-            before = _local(model)
-            get_optimizer_state_dict(model, opt)
-            res["init_moved"] = [i for i, (a, b) in enumerate(zip(before, _local(model))) if not torch.equal(a, b)]
             # (b) save after K steps, continue N; load into a fresh model/optimizer, continue N
             model = _shard(_model())
             opt = _optimizer(name, model, kw)
@@ -88,7 +78,10 @@ def _worker(rank, root, out_file):
             res["continued"] = _full(model)
             fresh = _shard(_model(seed=1))
             opt2 = _optimizer(name, fresh, kw)
+            before = _local(fresh)
             state = {"model": get_model_state_dict(fresh), "optim": get_optimizer_state_dict(fresh, opt2)}
+            # (a) get_optimizer_state_dict on the fresh optimizer ran DCP's zero-gradient, lr = 0 step
+            res["init_moved"] = [i for i, (a, b) in enumerate(zip(before, _local(fresh))) if not torch.equal(a, b)]
             dcp.load(state, checkpoint_id=path)
             set_model_state_dict(fresh, state["model"])
             set_optimizer_state_dict(fresh, opt2, state["optim"])
@@ -99,34 +92,29 @@ def _worker(rank, root, out_file):
         except (Exception, CheckpointException) as err:   # reported per case in the parent
             res = {"error": f"{type(err).__name__}: {err}"[:400]}
         out[label] = res
-    if rank == 0:
-        torch.save(out, out_file)
-    dist.barrier()
-    dist.destroy_process_group()
+    return out
 
 
 @pytest.fixture(scope="module")
 def dcp_results():
-    with tempfile.TemporaryDirectory() as root:
-        out_file = os.path.join(root, "out.pt")
-        mp.spawn(_worker, args=(root, out_file), nprocs=WORLD, join=True)
-        results = torch.load(out_file, weights_only=False)
-        torch.set_num_threads(1)
-        for label, (name, kw) in CASES.items():   # (c) here (no process group): load the 2-rank checkpoint
-            if results[label]["error"] is not None:
-                continue
-            try:
-                model = _model(seed=1)
-                opt = _optimizer(name, model, kw)
-                state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-                dcp.load(state, checkpoint_id=os.path.join(root, label))
-                set_model_state_dict(model, state["model"])
-                set_optimizer_state_dict(model, opt, state["optim"])
-                _steps(model, opt, range(K, K + N))
-                results[label]["single"] = [p.detach().clone() for p in model.parameters()]
-            except (Exception, CheckpointException) as err:
-                results[label]["single"] = f"{type(err).__name__}: {err}"[:400]
-        return results
+    spawned = spawn_results()
+    root, results = spawned["dcp_root"], spawned["dcp"]
+    torch.set_num_threads(1)
+    for label, (name, kw) in CASES.items():   # (c) here (no process group): load the 2-rank checkpoint
+        if results[label]["error"] is not None:
+            continue
+        try:
+            model = _model(seed=1)
+            opt = _optimizer(name, model, kw)
+            state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+            dcp.load(state, checkpoint_id=os.path.join(root, label))
+            set_model_state_dict(model, state["model"])
+            set_optimizer_state_dict(model, opt, state["optim"])
+            _steps(model, opt, range(K, K + N))
+            results[label]["single"] = [p.detach().clone() for p in model.parameters()]
+        except (Exception, CheckpointException) as err:
+            results[label]["single"] = f"{type(err).__name__}: {err}"[:400]
+    return results
 
 
 @pytest.mark.parametrize("name", list(CASES))

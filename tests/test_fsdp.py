@@ -7,7 +7,9 @@ its mesh, with the parameter's placement where the state has its shape.  Also: F
 gloo is the global mean with and without ``set_force_sum_reduction_for_comms`` (pytorch#162338), and a
 non-finite gradient in one rank's shard skips the parameter on every rank.
 """
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -137,7 +139,7 @@ def _state_problems(opt):
     return problems
 
 
-def _worker(rank, init_file, out_file):
+def _worker(rank, init_file, out_file, dcp_root):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     out = {"grads": {}, "cases": {}}
@@ -175,18 +177,32 @@ def _worker(rank, init_file, out_file):
     flags = [None] * WORLD
     dist.all_gather_object(flags, (raised, out["skip"]))
     out["agree"] = flags
+    from test_dcp import dcp_work   # tests/test_dcp.py's 2-rank part, in the same spawn
+    out["dcp"] = dcp_work(rank, dcp_root)
     if rank == 0:
         torch.save(out, out_file)
     dist.barrier()
     dist.destroy_process_group()
 
 
+_SPAWNED: dict = {}
+
+
+def spawn_results() -> dict:
+    """One ``mp.spawn`` of 2 gloo ranks for this file and tests/test_dcp.py (importing torch in the workers is
+    a third of the time); the DCP checkpoints stay in ``dcp_root`` until the session ends."""
+    if not _SPAWNED:
+        tmp = tempfile.mkdtemp(prefix="torchstep-fsdp-")
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        init_file, out_file, dcp_root = (os.path.join(tmp, n) for n in ("init", "out.pt", "dcp"))
+        mp.spawn(_worker, args=(init_file, out_file, dcp_root), nprocs=WORLD, join=True)
+        _SPAWNED.update(torch.load(out_file, weights_only=False), dcp_root=dcp_root)
+    return _SPAWNED
+
+
 @pytest.fixture(scope="module")
 def fsdp_results():
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "out.pt")
-        mp.spawn(_worker, args=(init_file, out_file), nprocs=WORLD, join=True)
-        return torch.load(out_file, weights_only=False)
+    return spawn_results()
 
 
 def test_fsdp2_gradients_are_the_global_batch_mean(fsdp_results):
