@@ -4,34 +4,54 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from ._base import ElementwiseRule, TorchstepOptimizer, check_range, invalid, scalar, step_of
+from ._base import ElementwiseRule, TorchstepOptimizer, add_scaled_, check_range, invalid, scalar, step_of
 
 
-def _schedule_free(p, grad, state, group, beta: float, adam: bool) -> None:
-    """One step in the y-form of the official ``*ScheduleFree`` classes (the parameter holds y):
+def _sub_scaled_(x: Tensor, y: Tensor, c: float | Tensor) -> Tensor:
+    """``x ← x − c·y`` (the official ``sub_(y, alpha=c)`` for a float, a 0-d tensor in a compiled step)."""
+    return x.sub_(y, alpha=c) if not isinstance(c, Tensor) else x.sub_(y * c)
 
-    ``g̃ = g/(√(v/bc2) + ε)`` (AdamW; SGD: g) ``+ λ·y``;  ``y ← lerp(y, z, c) + η(β(1 − c) − 1)·g̃``;
-    ``z ← z − η·g̃``;  ``c = w_t/Σw``, ``w_t = t^r·(max lr so far)^p_w``."""
-    k = step_of(state) - 1
-    warmup = group["warmup_steps"]
-    lr = scalar(group["lr"]) * ((k + 1) / warmup if k < warmup else 1.0)
-    state["lr_max"] = max(lr, state["lr_max"])
-    weight = (k + 1) ** group["r"] * state["lr_max"] ** group["weight_lr_power"]
-    state["weight_sum"] += weight
-    ckp1 = weight / state["weight_sum"] if state["weight_sum"] else 0.0
-    z = state["z"]
-    if adam:
-        beta2 = group["betas"][1]
-        exp_avg_sq = state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        direction = grad / exp_avg_sq.div(1 - beta2 ** (k + 1)).sqrt_().add_(group["eps"])
-    else:
-        direction = grad.clone()
-    if group["weight_decay"] != 0:
-        direction.add_(p, alpha=group["weight_decay"])
-    p.lerp_(end=z, weight=ckp1)
-    p.add_(direction, alpha=lr * (beta * (1 - ckp1) - 1))
-    z.sub_(direction, alpha=lr)
+
+def _plan(adam: bool):
+    def plan(state, group) -> dict:
+        """Host side: the warmed-up lr γ, the running max of γ and the weight sum (Python floats in the state,
+        updated here), the averaging weight c, the y step size γ(β(1 − c) − 1) and 1 − β2ᵗ."""
+        k = step_of(state) - 1
+        warmup = group["warmup_steps"]
+        lr = scalar(group["lr"]) * ((k + 1) / warmup if k < warmup else 1.0)
+        state["lr_max"] = max(lr, state["lr_max"])
+        weight = (k + 1) ** group["r"] * state["lr_max"] ** group["weight_lr_power"]
+        state["weight_sum"] += weight
+        ckp1 = weight / state["weight_sum"] if state["weight_sum"] else 0.0
+        beta = group["betas"][0] if adam else group["momentum"]
+        c = dict(lr=lr, ckp1=ckp1, y_step=lr * (beta * (1 - ckp1) - 1))
+        if adam:
+            c["bc2"] = 1 - group["betas"][1] ** (k + 1)
+        return {key: float(v) for key, v in c.items()}
+    return plan
+
+
+def _kernel(adam: bool):
+    def kernel(p, grad, state, group, c) -> None:
+        """One step in the y-form of the official ``*ScheduleFree`` classes (the parameter holds y):
+
+        ``g̃ = g/(√(v/bc2) + ε)`` (AdamW; SGD: g) ``+ λ·y``;  ``y ← lerp(y, z, c) + η(β(1 − c) − 1)·g̃``;
+        ``z ← z − η·g̃``;  ``c = w_t/Σw``, ``w_t = t^r·(max lr so far)^p_w``."""
+        z = state["z"]
+        if adam:
+            beta2 = group["betas"][1]
+            exp_avg_sq = state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            direction = grad / exp_avg_sq.div(c["bc2"]).sqrt_().add_(group["eps"])
+        else:
+            direction = grad.clone()
+        if group["weight_decay"] != 0:
+            direction.add_(p, alpha=group["weight_decay"])
+        p.lerp_(end=z, weight=c["ckp1"])
+        add_scaled_(p, direction, c["y_step"])
+        _sub_scaled_(z, direction, c["lr"])
+    return kernel
 
 
 def _init(adam: bool):
@@ -51,11 +71,9 @@ def _check(group):
         check_range("momentum", group["momentum"], 0.0, 1.0, lo_open=True, hi_open=True)
 
 
-SF_ADAMW = ElementwiseRule("schedulefree-adamw", lambda p, g, s, group: _schedule_free(p, g, s, group,
-                                                                                       group["betas"][0], True),
+SF_ADAMW = ElementwiseRule("schedulefree-adamw", plan=_plan(True), kernel=_kernel(True),
                            init=_init(True), check=_check)
-SF_SGD = ElementwiseRule("schedulefree-sgd", lambda p, g, s, group: _schedule_free(p, g, s, group,
-                                                                                   group["momentum"], False),
+SF_SGD = ElementwiseRule("schedulefree-sgd", plan=_plan(False), kernel=_kernel(False),
                          init=_init(False), check=_check)
 
 
@@ -135,6 +153,9 @@ class ScheduleFreeAdamW(ScheduleFree):
         r: polynomial weighting power of the average (default 0).
         weight_lr_power: p_w (default 2).
         maximize, nonfinite: the policies of every torchstep optimizer.
+        compile: False (eager, the reference), True (one Inductor graph per group) or a ``torch.compile``
+            backend name — see :mod:`torchstep.optim._compiled` (one graph per group: the warm-up, the
+            averaging weights and the lr reach it as numbers).
 
     Use no external lr scheduler.  Call ``opt.eval()`` before evaluating or saving weights and ``opt.train()``
     before training again (HF Trainer calls them when present); the optimizer starts in train mode (the
@@ -153,10 +174,11 @@ class ScheduleFreeAdamW(ScheduleFree):
 
     def __init__(self, params: Any, lr: float = 0.0025, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0, r: float = 0.0,
-                 weight_lr_power: float = 2.0, *, maximize: bool = False, nonfinite: str = "skip") -> None:
+                 weight_lr_power: float = 2.0, *, maximize: bool = False, nonfinite: str = "skip",
+                 compile: bool | str = False) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
-                                      maximize=maximize, nonfinite=nonfinite))
+                                      maximize=maximize, nonfinite=nonfinite, compile=compile))
 
 
 class ScheduleFreeSGD(ScheduleFree):
@@ -170,6 +192,9 @@ class ScheduleFreeSGD(ScheduleFree):
         weight_decay: λ at y (default 0).
         warmup_steps, r, weight_lr_power: as :class:`ScheduleFreeAdamW` (defaults 0, 0, 2).
         maximize, nonfinite: the policies of every torchstep optimizer.
+        compile: False (eager, the reference), True (one Inductor graph per group) or a ``torch.compile``
+            backend name — see :mod:`torchstep.optim._compiled` (one graph per group: the warm-up, the
+            averaging weights and the lr reach it as numbers).
 
     Paper: arXiv 2405.15682.  Parity: pip ``schedulefree`` ``SGDScheduleFree`` (tested).  Memory: z (1 buffer).
     """
@@ -178,9 +203,10 @@ class ScheduleFreeSGD(ScheduleFree):
 
     def __init__(self, params: Any, lr: float = 1.0, momentum: float = 0.9, weight_decay: float = 0.0,
                  warmup_steps: int = 0, r: float = 0.0, weight_lr_power: float = 2.0, *, maximize: bool = False,
-                 nonfinite: str = "skip") -> None:
+                 nonfinite: str = "skip", compile: bool | str = False) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                                      r=r, weight_lr_power=weight_lr_power, maximize=maximize, nonfinite=nonfinite))
+                                      r=r, weight_lr_power=weight_lr_power, maximize=maximize, nonfinite=nonfinite,
+                                      compile=compile))
 
 
 __all__ = ["ScheduleFree", "ScheduleFreeAdamW", "ScheduleFreeSGD"]

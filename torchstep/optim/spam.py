@@ -1,21 +1,17 @@
 """SPAM and Stable-SPAM — spike-aware Adam with periodic momentum resets."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from ..ops.curves import cosine
-from ..ops.moments import adam_direction, update_moments_
+from ..ops.moments import bias_corrections, corrected_root, update_moments_, update_moments_scaled_
 from ..ops.spike import clip_spikes, clip_to_running_max
-from ._base import ElementwiseRule, TorchstepOptimizer, check_choice, check_range, decay_, scalar, step_of, zeros_state
+from ._base import (ElementwiseRule, TorchstepOptimizer, add_scaled_, check_choice, check_range, scalar, step_of,
+                    zeros_state)
 from ._dtensor import full_state
-
-
-def _adam_step(state, grad, t: int, beta1: float, beta2: float, eps: float, eps_inside: bool):
-    """Update the moments in place; (direction, multiplier) of the bias-corrected Adam step."""
-    update_moments_(state["exp_avg"], state["exp_avg_sq"], grad, beta1, beta2, lerp=False)   # official spelling
-    return adam_direction(state["exp_avg"], state["exp_avg_sq"], t, beta1, beta2, eps, eps_inside)
 
 
 def _reset_moments(state) -> None:
@@ -35,20 +31,31 @@ def spam_warmup_factor(t: int, reset_interval: int, warmup_steps: int, official:
     return 1.0 - 0.99 * cosine(r / (warmup_steps + 1 if official else warmup_steps))
 
 
-def spam_update(p, grad, state, group) -> None:
+def spam_plan(state, group) -> dict:
+    """Host side: the reset and clip decisions (bools: one compiled graph per combination — at most three),
+    the step size −η·√(1−β2ˢ)/(1−β1ˢ)·w_t and the decay factor."""
     t, lr = step_of(state), scalar(group["lr"])
     dt, accu = group["reset_interval"], group["grad_accu_steps"]
-    if dt > 0 and t % dt == 0:
-        _reset_moments(state)
     since_reset = t % dt if dt > 0 and t >= dt else t
-    if group["threshold"] > 0 and t >= accu and since_reset >= accu:
-        grad = clip_spikes(grad, state["exp_avg_sq"], group["threshold"])
     restart = group["reset_step_counter"] and dt > 0 and t >= dt
-    direction, scale = _adam_step(state, grad, since_reset + 1 if restart else t, *group["betas"], group["eps"],
-                                  eps_inside=True)
+    bc1, bc2 = bias_corrections(since_reset + 1 if restart else t, *group["betas"])
     warm = spam_warmup_factor(t, dt, group["warmup_steps"], official=group["compat"] == "official")
-    p.add_(direction, alpha=-lr * scale * warm)
-    decay_(p, lr, group["weight_decay"])
+    return dict(reset=dt > 0 and t % dt == 0,
+                clip=group["threshold"] > 0 and t >= accu and since_reset >= accu,
+                step=float(-lr * (math.sqrt(bc2) / bc1) * warm), decay=float(1.0 - lr * group["weight_decay"]))
+
+
+def spam_kernel(p, grad, state, group, c) -> None:
+    """Reset, clip against the previous v, HF-flavour Adam (ε inside the root, the official spelling of the
+    moments), then the decay after the step."""
+    if c["reset"]:
+        _reset_moments(state)
+    if c["clip"]:
+        grad = clip_spikes(grad, state["exp_avg_sq"], group["threshold"])
+    update_moments_(state["exp_avg"], state["exp_avg_sq"], grad, *group["betas"], lerp=False)   # official spelling
+    add_scaled_(p, state["exp_avg"] / state["exp_avg_sq"].sqrt().add_(group["eps"]), c["step"])
+    if group["weight_decay"] != 0:
+        p.mul_(c["decay"])
 
 
 def _check_spam(group) -> None:
@@ -62,7 +69,8 @@ def _check_spam(group) -> None:
         raise ValueError(f"Invalid reset_step_counter: {group['reset_step_counter']!r} (valid range: True or False)")
 
 
-SPAM_RULE = ElementwiseRule("spam", spam_update, init=zeros_state("exp_avg", "exp_avg_sq"), check=_check_spam)
+SPAM_RULE = ElementwiseRule("spam", plan=spam_plan, kernel=spam_kernel, init=zeros_state("exp_avg", "exp_avg_sq"),
+                           check=_check_spam)
 
 
 def stablespam_schedule_factor(t: int, total_T: int | None, eta_min: float, periodic: bool) -> float:
@@ -74,35 +82,56 @@ def stablespam_schedule_factor(t: int, total_T: int | None, eta_min: float, peri
     return eta_min + (1.0 - eta_min) * cosine(t / (total_T + 1))
 
 
-def stablespam_update(p, grad, state, group) -> None:
-    t, lr, eps = step_of(state), scalar(group["lr"]), group["eps"]
+def stablespam_plan(state, group) -> dict:
+    """Host side: the schedule factor s_t and everything that depends on it or on the step — the decay
+    factor, AdaClip's and AdaGN's bias corrections (at the official per-reset counter or the total step),
+    γ1·s_t, β1·s_t and 1 − each, the Adam step size −η/(1−(β1 s_t)ᵗ) and √(1−β2ᵗ); the reset decision is a
+    bool (two compiled graphs: reset step or not)."""
+    t, lr = step_of(state), scalar(group["lr"])
     official = group["compat"] == "official"
     s = stablespam_schedule_factor(t, group["total_T"], group["eta_min"], periodic=official)
     dt = group["reset_interval"]
     # official: the counter used by AdaClip/AdaGN restarts at 1 after each reset
     ema_t = t if not official or dt <= 0 or t <= dt else t - dt * ((t - 1) // dt) + 1
-    decay_(p, lr, group["weight_decay"])
+    adam_t = t if dt <= 0 or t < dt else t % dt + 1
+    beta1, beta2 = group["betas"]
+    beta1 = beta1 * s
+    bc1, bc2 = bias_corrections(adam_t, beta1, beta2)
+    c = dict(reset=dt > 0 and t % dt == 0, decay=1.0 - lr * group["weight_decay"], beta1=beta1,
+             one_minus_beta1=1 - beta1, step=-lr * (1.0 / bc1), root_bc2=math.sqrt(bc2))
+    if group["adaclip"]:
+        c["bc3"] = 1 - group["gamma3"] ** ema_t
+    if group["adagn"]:
+        g1 = group["gamma1"] * s
+        c.update(g1=g1, one_minus_g1=1 - g1, bc_g1=1 - g1 ** ema_t, bc_g2=1 - group["gamma2"] ** ema_t)
+    return {k: v if isinstance(v, bool) else float(v) for k, v in c.items()}
+
+
+def stablespam_kernel(p, grad, state, group, c) -> None:
+    """Decay, AdaClip, AdaGN, torch-flavour Adam with β1·s_t (the official spelling of the moments); the
+    moments are reset before the update (``compat="paper"``) or after it (``"official"``)."""
+    eps, official = group["eps"], group["compat"] == "official"
+    if group["weight_decay"] != 0:
+        p.mul_(c["decay"])
     if group["adaclip"]:
         g3 = group["gamma3"]
         absmax = grad.abs().max()
         state["max_abs_avg"].mul_(g3).add_(absmax, alpha=1 - g3)
-        grad = clip_to_running_max(grad, state["max_abs_avg"] / (1 - g3 ** ema_t), absmax)
+        grad = clip_to_running_max(grad, state["max_abs_avg"] / c["bc3"], absmax)
     if group["adagn"]:
-        g1, g2 = group["gamma1"] * s, group["gamma2"]
+        g2 = group["gamma2"]
         norm = torch.linalg.vector_norm(grad)
-        state["norm_avg"].mul_(g1).add_(norm, alpha=1 - g1)
+        add_scaled_(state["norm_avg"].mul_(c["g1"]), norm, c["one_minus_g1"])
         state["norm_sq_avg"].mul_(g2).add_(norm.square(), alpha=1 - g2)
-        kappa = (state["norm_avg"] / (1 - g1 ** ema_t)) / ((state["norm_sq_avg"] / (1 - g2 ** ema_t)).sqrt() + eps)
+        kappa = (state["norm_avg"] / c["bc_g1"]) / ((state["norm_sq_avg"] / c["bc_g2"]).sqrt() + eps)
         # rescale only a non-zero gradient (as the official code): κ/‖g‖ at ‖g‖ = 0 is 0·inf
         grad = torch.where(norm > 0, grad * (kappa / norm.clamp_min(torch.finfo(norm.dtype).tiny)), grad)
-    reset = dt > 0 and t % dt == 0
-    adam_t = t if dt <= 0 or t < dt else t % dt + 1
-    if reset and not official:
+    if c["reset"] and not official:
         _reset_moments(state)
-    beta1, beta2 = group["betas"]
-    direction, scale = _adam_step(state, grad, adam_t, beta1 * s, beta2, eps, eps_inside=False)
-    p.add_(direction, alpha=-lr * scale)
-    if reset and official:
+    update_moments_scaled_(state["exp_avg"], state["exp_avg_sq"], grad, c["beta1"], c["one_minus_beta1"],
+                           group["betas"][1])
+    add_scaled_(p, state["exp_avg"] / corrected_root(state["exp_avg_sq"], c["root_bc2"], eps), c["step"])
+    if c["reset"] and official:
         _reset_moments(state)
 
 
@@ -122,7 +151,8 @@ def _check_stablespam(group) -> None:
     check_choice("compat", group["compat"], ("paper", "official"))
 
 
-STABLESPAM = ElementwiseRule("stablespam", stablespam_update, init=_init_stablespam, check=_check_stablespam)
+STABLESPAM = ElementwiseRule("stablespam", plan=stablespam_plan, kernel=stablespam_kernel, init=_init_stablespam,
+                            check=_check_stablespam)
 
 
 class SPAM(TorchstepOptimizer):
@@ -167,6 +197,9 @@ class SPAM(TorchstepOptimizer):
         compat: ``"paper"`` (default) or ``"official"`` — the ramp's N' above.
         reset_step_counter: restart the bias-correction step at resets (default False).
         maximize, nonfinite: the policies of every torchstep optimizer.
+        compile: False (eager, the reference), True (one Inductor graph per group) or a ``torch.compile``
+            backend name — see :mod:`torchstep.optim._compiled`.  At most three graphs per group: a reset step,
+            a step that clips, one that does not.
 
     Paper: Huang et al., "SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training",
     ICLR 2025, arXiv 2501.06842.  Official code: TianjinYellow/SPAM-Optimizer (no pip package;
@@ -181,12 +214,12 @@ class SPAM(TorchstepOptimizer):
                  eps: float = 1e-6, weight_decay: float = 0.0, threshold: float = 5000,
                  reset_interval: int = 500, warmup_steps: int = 150, grad_accu_steps: int = 20,
                  compat: str = "paper", reset_step_counter: bool = False, *, maximize: bool = False,
-                 nonfinite: str = "skip") -> None:
+                 nonfinite: str = "skip", compile: bool | str = False) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       threshold=threshold, reset_interval=reset_interval,
                                       warmup_steps=warmup_steps, grad_accu_steps=grad_accu_steps,
                                       compat=compat, reset_step_counter=reset_step_counter,
-                                      maximize=maximize, nonfinite=nonfinite))
+                                      maximize=maximize, nonfinite=nonfinite, compile=compile))
 
     warmup_factor = staticmethod(spam_warmup_factor)
 
@@ -235,6 +268,9 @@ class StableSPAM(TorchstepOptimizer):
             ``total_T=None`` this is ``torch.optim.AdamW``.
         compat: ``"paper"`` (default) or ``"official"`` (above).
         maximize, nonfinite: the policies of every torchstep optimizer.
+        compile: False (eager, the reference), True (one Inductor graph per group) or a ``torch.compile``
+            backend name — see :mod:`torchstep.optim._compiled`.  At most two graphs per group: a reset step
+            and any other step.
 
     A zero gradient is left as it is by AdaGN (only a non-zero gradient is rescaled, as in the official
     code; with κ > 4 — e.g. the BF16 recipe — κ/‖g‖ at ‖g‖ = 0 would overflow and 0·inf poison the state).
@@ -250,10 +286,12 @@ class StableSPAM(TorchstepOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, gamma1: float = 0.7, gamma2: float = 0.9,
                  gamma3: float = 0.999, total_T: int | None = None, eta_min: float = 0.5,
                  reset_interval: int = 1000, adaclip: bool = True, adagn: bool = True,
-                 compat: str = "paper", *, maximize: bool = False, nonfinite: str = "skip") -> None:
+                 compat: str = "paper", *, maximize: bool = False, nonfinite: str = "skip",
+                 compile: bool | str = False) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       gamma1=gamma1, gamma2=gamma2, gamma3=gamma3, total_T=total_T,
                                       eta_min=eta_min, reset_interval=reset_interval, adaclip=adaclip,
-                                      adagn=adagn, compat=compat, maximize=maximize, nonfinite=nonfinite))
+                                      adagn=adagn, compat=compat, maximize=maximize, nonfinite=nonfinite,
+                                      compile=compile))
 
     schedule_factor = staticmethod(stablespam_schedule_factor)
