@@ -49,6 +49,8 @@ class AdaGradRule(Rule):
         batched: True for the ``"group"`` accumulator (the step needs the whole group's squared norm).
     """
 
+    maskable = True    # per-tensor accumulators: the "mask" policy applies (not to the batched "group" one)
+
     def __init__(self, name: str, accumulators: tuple[str, ...], batched: bool) -> None:
         self.name, self.accumulators, self.batched = name, accumulators, batched
 
