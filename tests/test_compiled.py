@@ -37,9 +37,15 @@ def _params(seed=0):
     return [torch.randn(s, generator=g).requires_grad_() for s in SHAPES]
 
 
+#: settings that reach every structural variant (SPAM: clip, reset; Stable-SPAM: reset) within 12 steps
+VARIANTS = {"spam": dict(reset_interval=5, warmup_steps=2, grad_accu_steps=2, threshold=3.0),
+            "stablespam": dict(total_T=12, reset_interval=5, weight_decay=0.1),
+            "schedulefree-adamw": dict(warmup_steps=5, r=1.0, weight_decay=0.1),
+            "schedulefree-sgd": dict(warmup_steps=5, r=1.0, weight_decay=0.1)}
+
+
 def _kwargs(name):
-    fx = FIXTURES[name]
-    return dict(fx.base_kwargs)
+    return {**FIXTURES[name].base_kwargs, **VARIANTS.get(name, {})}
 
 
 def _run(opt, params, steps, start=0, lr0=None, nan_at=None):
