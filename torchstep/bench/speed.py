@@ -126,6 +126,10 @@ HEAVYBALL = {"adamw": ("AdamW", {"betas": (0.9, 0.999), "eps": 1e-8}),
              "schedulefree-adamw": ("SFAdamW", {"betas": (0.9, 0.999), "eps": 1e-8})}
 
 
+#: methods whose compiled row is also timed with nonfinite="mask" and "ignore"
+POLICY_ROWS = ("adamw", "lion")
+
+
 class _CompiledTorchStep:
     """torch's recipe for a compiled optimizer: ``torch.compile(opt.step)`` (float lr: the benchmark never changes it)."""
 
@@ -161,6 +165,10 @@ def compiled_candidates(selected: list[str] | None = None) -> dict[str, Callable
         arm = ARMS[name]
         out[f"torchstep {name}"] = lambda ps, arm=arm: arm.make(ps, arm.default_lr)
         out[f"torchstep {name} (compiled)"] = lambda ps, arm=arm: arm.make(ps, arm.default_lr, compile=True)
+        if name in POLICY_ROWS:   # what the default finite check costs: the sync-free and the unchecked policy
+            for policy in ("mask", "ignore"):
+                out[f"torchstep {name} (compiled, nonfinite={policy})"] = (
+                    lambda ps, arm=arm, policy=policy: arm.make(ps, arm.default_lr, compile=True, nonfinite=policy))
         if peer is not None and arm.peer is not None:
             cls_name, kw = arm.peer
             out[f"pytorch-optimizer {name}"] = (lambda ps, c=getattr(peer, cls_name), kw=kw, lr=arm.default_lr:
@@ -173,6 +181,16 @@ def compiled_candidates(selected: list[str] | None = None) -> dict[str, Callable
     return out
 
 
+#: the fixed per-step cost: the same 50 tensors with one element each (no memory traffic left to time)
+TINY_SHAPES = [(1,)] * len(SHAPES)
+TINY_ROWS = {"torch AdamW (fused), 50 one-element tensors":
+             lambda ps: torch.optim.AdamW(ps, fused=True, lr=1e-3, weight_decay=1e-2),
+             "torchstep adamw (compiled, nonfinite=ignore), 50 one-element tensors":
+             lambda ps: ARMS["adamw"].make(ps, ARMS["adamw"].default_lr, compile=True, nonfinite="ignore"),
+             "torchstep adamw (compiled), 50 one-element tensors":
+             lambda ps: ARMS["adamw"].make(ps, ARMS["adamw"].default_lr, compile=True)}
+
+
 def measure_compiled(selected: list[str] | None, rounds: int, steps: int, warmup: int = 3, device: str = "cpu"
                      ) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Interleaved step times of :func:`compiled_candidates`, and each candidate's first-step seconds (for
@@ -182,8 +200,10 @@ def measure_compiled(selected: list[str] | None, rounds: int, steps: int, warmup
     torch.set_num_threads(1)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="torchstep-speed-")   # a cold compile
     setups, first = {}, {}
-    for label, build in compiled_candidates(selected).items():
-        params, grads = _params(device=device)
+    builds = [(label, build, None) for label, build in compiled_candidates(selected).items()]
+    builds += [(label, build, TINY_SHAPES) for label, build in TINY_ROWS.items()]
+    for label, build, shapes in builds:
+        params, grads = _params(device=device, shapes=shapes)
         opt = build(params)
         _sync(params)
         start = time.perf_counter()
@@ -210,9 +230,16 @@ def compiled_table(times: dict[str, list[float]], first: dict[str, float]) -> li
              f"{med['torch AdamW (compiled)'] / fused:.2f}", "–", "–", "–",
              f"{first['torch AdamW (compiled)']:.1f}", "–"]]
     for label in med:
-        if not (label.startswith("torchstep ") and label.endswith("(compiled)")):
+        if label in TINY_ROWS:
+            rows.append([label, "–", f"{med[label]:.2f}", "–", "–", "–", "–", f"{first[label]:.1f}", "–"])
+            continue
+        if not (label.startswith("torchstep ") and "(compiled" in label):
             continue
         name = label.split()[1]
+        if label.endswith("=mask)") or label.endswith("=ignore)"):
+            rows.append([f"{name}, nonfinite={label.split('=')[1][:-1]}", "–", f"{med[label]:.2f}",
+                         f"{med[label] / fused:.2f}", "–", "–", "–", f"{first[label]:.1f}", "–"])
+            continue
         eager, compiled = med[f"torchstep {name}"], med[label]
         peer, hb = med.get(f"pytorch-optimizer {name}"), med.get(f"heavyball {name}")
         saved = eager - compiled
@@ -231,7 +258,8 @@ def main_compiled(rounds: int = 3, steps: int = 30, optimizers: list[str] | None
     n_params = sum(torch.Size(s).numel() for s in SHAPES)
     text = (tabulate(compiled_table(times, first), headers=COMPILED_HEADERS, tablefmt="github")
             + f"\n\n{len(SHAPES)} tensors, {n_params / 1e6:.2f}M fp32 parameters; {rounds} interleaved rounds × "
-              f"{steps} timed steps; 1 thread; torch {torch.__version__}; nonfinite='skip' (the default) for torchstep; "
+              f"{steps} timed steps; 1 thread; torch {torch.__version__}; nonfinite='skip' (the default) for torchstep "
+              f"unless the row says otherwise; "
               f"{platform.processor() or platform.machine()}")
     print(text)
     if out:

@@ -361,8 +361,7 @@ class TorchstepOptimizer(torch.optim.Optimizer):
         chunks = [params] if compiled or self.rule_for(group).batched else [[p] for p in params]
         for chunk in chunks:
             items = [self._working(p, group) for p in chunk]
-            for _, _, state in items:
-                state["step"] += 1
+            torch._foreach_add_([state["step"] for _, _, state in items], 1)   # one call for the chunk's counters
             works = [w for w, _, _ in items]
             grads, states = [g for _, g, _ in items], [s for _, _, s in items]
             if compiled:
