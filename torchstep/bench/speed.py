@@ -96,7 +96,10 @@ def _interleaved(setups: dict[str, tuple], rounds: int, steps: int, warmup: int)
                 opt.step()
             for _ in range(steps):
                 for p, gr in zip(params, grads):
-                    p.grad.copy_(gr)
+                    if p.grad is None:      # HeavyBall sets .grad to None after its step
+                        p.grad = gr.clone()
+                    else:
+                        p.grad.copy_(gr)
                 _sync(params)
                 start = time.perf_counter()
                 opt.step()

@@ -300,8 +300,10 @@ class TorchstepOptimizer(torch.optim.Optimizer):
         if not sharded:
             norms = [torch.linalg.vector_norm(g, dtype=torch.float32) if g.dtype in _LOW_PRECISION
                      else torch.linalg.vector_norm(g) for g in grads]
-            device = norms[0].device
-            return torch.stack([n.to(device=device, dtype=torch.float64) for n in norms]).isfinite().tolist()
+            device, dtype = norms[0].device, norms[0].dtype
+            if any(n.device != device or n.dtype != dtype for n in norms):   # one stack needs one dtype/device
+                norms = [n.to(device=device, dtype=torch.float64) for n in norms]
+            return torch.stack(norms).isfinite().tolist()
         flags = dict(zip(sharded, _global_finite_flags([grads[i] for i in sharded])))
         plain = [i for i in range(len(grads)) if i not in flags]
         flags.update(zip(plain, TorchstepOptimizer._finite_flags([grads[i] for i in plain])))
