@@ -23,6 +23,9 @@ import torchstep
 from fixtures import FIXTURES
 from test_fsdp import _loss, _model, _shard, spawn_results
 
+# both files share one 2-rank spawn: keep them on one xdist worker (README: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("fsdp-spawn")
+
 K, N = 2, 2          # steps before the checkpoint, steps after it
 NAMES = torchstep.list_optimizers()
 # configurations whose state is not shaped like the parameter (index sets, bases, row/group accumulators)

@@ -20,6 +20,9 @@ import torch.multiprocessing as mp
 import torchstep
 from fixtures import FIXTURES
 
+# both files share one 2-rank spawn: keep them on one xdist worker (README: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("fsdp-spawn")
+
 STEPS = 4
 BATCH = 32          # > every matrix's short side: full-rank gradients (sign-of-residual rules stay well posed)
 WORLD = 2
