@@ -26,7 +26,7 @@ def test_list_command_names_every_optimizer(capsys):
 def test_ci_runs_the_readme_test_command():
     out = subprocess.run(["awk", '/^Run the whole test suite:/{found=1} found && /^python3 -m venv/{print; exit}',
                           str(ROOT / "README.md")], capture_output=True, text=True).stdout.strip()
-    assert out.endswith("python -m pytest -n 2") and "torch==2.13.0" in out
+    assert out.endswith("python -m pytest -n 2 --dist loadgroup") and "torch==2.13.0" in out
     assert "eval \"$cmd\"" in (ROOT / ".ci" / "run").read_text()
 
 
