@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 DEV="${1:-cuda}"
 PY="${PY:-.venv/bin/python}"
 DEST="${OUT:-docs}/speed-cuda.md"
+mkdir -p "$(dirname "$DEST")"
 TMP="$(mktemp -d)"
 echo "+ pytest -m cuda" >&2
 set +e
