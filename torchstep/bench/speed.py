@@ -140,6 +140,15 @@ class _CompiledTorchStep:
         self.opt, self.step = opt, torch.compile(opt.step)
 
 
+def _emit(text: str, out: str | None) -> str:
+    """Print a table's text and, with ``out``, also write it there (markdown)."""
+    print(text)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text + "\n")
+    return text
+
+
 def compiled_names() -> list[str]:
     """Registered arms whose rule has a compiled formulation (``compile=True`` accepted)."""
     return [name for name, arm in ARMS.items() if name in SPECS
@@ -264,11 +273,7 @@ def main_compiled(rounds: int = 3, steps: int = 30, optimizers: list[str] | None
               f"{steps} timed steps; 1 thread; torch {torch.__version__}; nonfinite='skip' (the default) for torchstep "
               f"unless the row says otherwise; "
               f"{platform.processor() or platform.machine()}")
-    print(text)
-    if out:
-        with open(out, "w") as fh:
-            fh.write(text + "\n")
-    return text
+    return _emit(text, out)
 
 
 #: many same-shape matrices: where batched Newton–Schulz pays off
@@ -336,11 +341,7 @@ def main(rounds: int = 3, steps: int = 30, optimizers: list[str] | None = None, 
                                        tablefmt="github"))
         torch.set_num_threads(1)
     text = "\n\n".join(sections)
-    print(text)
-    if out:
-        with open(out, "w") as fh:
-            fh.write(text + "\n")
-    return text
+    return _emit(text, out)
 
 
 
@@ -437,8 +438,4 @@ def main_ns(rounds: int = 3, dims=(256, 512, 1024), aspects=(4, 1), configs=None
                                          with_torch=with_torch))
     text += (f"\n\n{rounds} interleaved rounds (+1 warm-up), medians; 1 thread; torch {torch.__version__}; "
              f"{platform.processor() or platform.machine()}")
-    print(text)
-    if out:
-        with open(out, "w") as fh:
-            fh.write(text + "\n")
-    return text
+    return _emit(text, out)
