@@ -123,7 +123,7 @@ def measure(steps: int = 2, world: int = 2) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "out.pt")
         mp.spawn(_worker, args=(world, init_file, out_file, steps), nprocs=world, join=True)
-        got = torch.load(out_file, weights_only=False)
+        got = torch.load(out_file, weights_only=True)
     model = _model()
     shapes = [tuple(p.shape) for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() >= 2]
     torch.set_num_threads(1)
