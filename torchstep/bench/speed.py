@@ -348,6 +348,7 @@ def main(rounds: int = 3, steps: int = 30, optimizers: list[str] | None = None, 
 # ---------------------------------------------------------------------- Newton–Schulz: Gram vs standard
 #: (label, ns_method, ns_dtype) of the Gram-iteration table
 NS_CONFIGS = [("standard bf16", "standard", "bfloat16"), ("gram bf16", "gram", "bfloat16"),
+              ("standard fp16", "standard", "float16"), ("gram fp16", "gram", "float16"),
               ("standard fp32", "standard", "float32"), ("gram fp32", "gram", "float32")]
 
 

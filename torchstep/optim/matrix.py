@@ -45,7 +45,7 @@ def dtensor_class() -> type | None:
     module = sys.modules.get("torch.distributed.tensor")
     return getattr(module, "DTensor", None)
 
-NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
 Stage = Callable[..., Any]
 

@@ -34,7 +34,8 @@ class Muon(MatrixHybrid):
         ns_steps: Newton–Schulz steps (default 5).
         ns_preset: ``quintic`` (default), ``polar_express5``, ``you_cesista``, ``convergent`` (every preset
             maps a zero matrix to a zero update).
-        ns_dtype: ``bfloat16`` (default), ``float32``, ``float64``: the iteration's compute dtype.
+        ns_dtype: ``bfloat16`` (default), ``float16``, ``float32``, ``float64``: the iteration's compute dtype
+            (``float16`` normalises in fp32 first; with ``ns_method="gram"`` it restarts once in 5 steps).
         ns_method: ``standard`` (default), ``gram`` — the same NS polynomial iterated on the small m×m Gram
             matrix with restarts (fewer FLOPs for n ≥ 1.5·m; :func:`torchstep.ops.newton_schulz.newton_schulz`),
             ``auto`` (gram at aspect ratio ≥ 2).
