@@ -133,6 +133,9 @@ class ElementwiseRule(Rule):
         init: ``init(p, state, group)`` — lazy state (default: none; see :func:`zeros_state`).
         check: ``check(group)`` — validates the rule's own hyperparameters (default: none).
         plan, kernel: the compilable formulation (both or neither; then ``update_one`` is derived).
+        plan_by_step: the plan reads nothing of the state but ``"step"`` and changes nothing (default
+            True): the compiled step then plans once per distinct step of a group, not once per parameter.
+            Set False for a plan that reads or updates other host state (Schedule-Free's weight sum).
     """
 
     batched = False
@@ -140,14 +143,14 @@ class ElementwiseRule(Rule):
 
     def __init__(self, name: str, update_one: Callable | None = None, init: Callable | None = None,
                  check: Callable | None = None, *, plan: Callable | None = None,
-                 kernel: Callable | None = None) -> None:
+                 kernel: Callable | None = None, plan_by_step: bool = True) -> None:
         if (plan is None) != (kernel is None) or (update_one is None) == (kernel is None):
             raise TypeError("give update_one, or plan and kernel")
         if update_one is None:
             def update_one(p, grad, state, group):
                 kernel(p, grad, state, group, plan(state, group))
         self.name, self.update_one, self.plan, self.kernel = name, update_one, plan, kernel
-        self._init, self._check = init, check
+        self._init, self._check, self.plan_by_step = init, check, plan_by_step
 
     @property
     def compilable(self) -> bool:
@@ -363,16 +366,17 @@ class TorchstepOptimizer(torch.optim.Optimizer):
         chunks = [params] if compiled or self.rule_for(group).batched else [[p] for p in params]
         for chunk in chunks:
             items = [self._working(p, group) for p in chunk]
-            torch._foreach_add_([state["step"] for _, _, state in items], 1)   # one call for the chunk's counters
             works = [w for w, _, _ in items]
             grads, states = [g for _, g, _ in items], [s for _, _, s in items]
-            if compiled:
+            if compiled:   # advances the step counters itself (the group's counters share one buffer)
                 self._compiled_step(group)(self.rule_for(group), works, grads, states, group)
-            elif group["nonfinite"] == "mask":   # per-tensor rules only (validated): one tensor per chunk
-                masked_update(lambda: self._apply_rule(group, chunk, works, grads, states), works[0], grads[0],
-                              states[0])
             else:
-                self._apply_rule(group, chunk, works, grads, states)
+                torch._foreach_add_([state["step"] for state in states], 1)   # one call for the chunk's counters
+                if group["nonfinite"] == "mask":   # per-tensor rules only (validated): one tensor per chunk
+                    masked_update(lambda: self._apply_rule(group, chunk, works, grads, states), works[0],
+                                  grads[0], states[0])
+                else:
+                    self._apply_rule(group, chunk, works, grads, states)
             for p, work in zip(chunk, works):
                 if work is not p:
                     p.copy_(work)

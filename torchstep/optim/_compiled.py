@@ -30,13 +30,24 @@ from ._base import masked_update
 #: group keys the compiled kernel never sees (the lr reaches it through the plan's coefficients)
 _HOST_KEYS = frozenset({"params", "param_names", "name", "initial_lr", "lr", "compile"})
 
+#: Inductor options: its generated wrapper re-checks every input's size and stride, which dynamo's guards
+#: (``dynamic=False``) already did — ≈ 4 µs per tensor per step (measured: 0.52 → 0.30 ms for 50 tensors)
+_INDUCTOR_OPTIONS = {"size_asserts": False}
 
-def _loop(kernel: Callable, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
-          group: dict[str, Any], constants: list[dict[str, Any]], names: tuple[str, ...], values: Tensor) -> None:
-    for i, (p, grad, state) in enumerate(zip(params, grads, states)):
-        c = dict(constants[i])
+
+def _loop(kernel: Callable, params: list[Tensor], grads: list[Tensor], keys: tuple[str, ...] | None,
+          states: tuple[list[Tensor], ...] | list[dict[str, Tensor]], group: dict[str, Any],
+          constants: list[dict[str, Any]], index: tuple[int, ...] | None, names: tuple[str, ...],
+          values: Tensor) -> None:
+    """The traced loop.  Flat inputs keep dynamo's guards cheap: ``states`` is one list per state key when
+    every parameter has the same keys (``keys``; else one dict per parameter), and the plans are the
+    distinct ones (``constants``/``values`` rows) with ``index`` mapping parameters to them (None: one)."""
+    for i, (p, grad) in enumerate(zip(params, grads)):
+        state = {k: states[j][i] for j, k in enumerate(keys)} if keys is not None else states[i]
+        row = 0 if index is None else index[i]
+        c = dict(constants[row])
         for j, name in enumerate(names):
-            c[name] = values[i, j]
+            c[name] = values[row, j]
         if group["nonfinite"] == "mask":
             masked_update(lambda: kernel(p, grad, state, group, c), p, grad, state)
         else:
@@ -47,6 +58,22 @@ def _backend(option: bool | str) -> str:
     return "inductor" if option is True else str(option)
 
 
+def _plans(rule, states: list[dict[str, Any]], steps: list[float], group: dict[str, Any]
+           ) -> tuple[list[dict], tuple[int, ...] | None]:
+    """The distinct plans of a group and each parameter's row (None when all share one).  A rule whose plan
+    depends only on the step and the group (``plan_by_step``) plans once per distinct step — one call for
+    the usual group whose parameters all took the same steps."""
+    if rule.plan_by_step:
+        rows: dict[float, int] = {}
+        index = tuple(rows.setdefault(t, len(rows)) for t in steps)
+        first = {row: i for i, row in reversed(list(enumerate(index)))}
+        plans = [rule.plan(states[first[row]], group) for row in range(len(rows))]
+    else:
+        plans = [rule.plan(s, group) for s in states]
+        index = tuple(range(len(states)))
+    return plans, (None if len(plans) == 1 else index)
+
+
 class CompiledStep:
     """The compiled update of one group (held by the optimizer, rebuilt after ``load_state_dict``)."""
 
@@ -55,11 +82,29 @@ class CompiledStep:
         code = _loop.__code__
         fn = type(_loop)(code.replace(), _loop.__globals__, f"_loop_{id(self)}")
         self.option, self.backend = option, _backend(option)
-        self.fn = torch.compile(fn, fullgraph=True, dynamic=False, backend=self.backend)
+        options = _INDUCTOR_OPTIONS if self.backend == "inductor" else None
+        self.fn = torch.compile(fn, fullgraph=True, dynamic=False, backend=self.backend, options=options)
+        self._steps: Tensor | None = None          # the group's step counters, one buffer (see _advance)
+        self._views: list[Tensor] = []
+
+    def _advance(self, states: list[dict[str, Any]]) -> list[float]:
+        """Advance every parameter's step counter by one and return the new values.  The counters stay
+        ordinary 0-d CPU tensors in the state, but views of one buffer, so this is one ``add_`` and one
+        read instead of one of each per parameter (≈ 4 µs each).  A counter replaced from outside
+        (``load_state_dict``, a hand-edited state) or a changed parameter set rebuilds the buffer."""
+        steps = [s["step"] for s in states]
+        if len(steps) != len(self._views) or any(a is not b for a, b in zip(steps, self._views)):
+            self._steps = torch.stack([t.detach().float() for t in steps])
+            self._views = list(self._steps.unbind())
+            for state, view in zip(states, self._views):
+                state["step"] = view
+        self._steps.add_(1)
+        return self._steps.tolist()
 
     def __call__(self, rule, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
                  group: dict[str, Any]) -> None:
-        plans = [rule.plan(state, group) for state in states]
+        """One step of the group: advances the step counters, plans on the host, runs the graph."""
+        plans, index = _plans(rule, states, self._advance(states), group)
         names = tuple(k for k, v in plans[0].items() if isinstance(v, float))
         constants = [{k: v for k, v in plan.items() if k not in names} for plan in plans]
         for plan in plans[1:]:   # every parameter's plan must give the same float keys
@@ -70,16 +115,21 @@ class CompiledStep:
         device = params[0].device
         if device.type != "cpu":
             values = values.pin_memory().to(device, non_blocking=True)
-        tensor_states = [{k: _1d(v) for k, v in s.items() if k != "step" and isinstance(v, Tensor)} for s in states]
+        tensor_keys = [tuple(k for k, v in s.items() if k != "step" and isinstance(v, Tensor)) for s in states]
+        keys = tensor_keys[0] if all(k == tensor_keys[0] for k in tensor_keys) else None
+        if keys is not None:
+            tensor_states = tuple(_1d([s[k] for s in states]) for k in keys)
+        else:
+            tensor_states = [dict(zip(ks, _1d([s[k] for k in ks]))) for s, ks in zip(states, tensor_keys)]
         constants_group = {k: v for k, v in group.items() if k not in _HOST_KEYS}
-        self.fn(rule.kernel, [_1d(p) for p in params], [_1d(g) for g in grads], tensor_states, constants_group,
-                constants, names, values)
+        self.fn(rule.kernel, _1d(params), _1d(grads), keys, tensor_states, constants_group, constants, index,
+                names, values)
 
 
-def _1d(t: Tensor) -> Tensor:
-    """A 0-d tensor as a 1-element view: dynamo drops in-place updates of 0-d float64 CPU inputs (it
-    treats them like Python scalars; measured on torch 2.13), a view of shape (1,) keeps them."""
-    return t.view(1) if t.dim() == 0 else t
+def _1d(tensors: list[Tensor]) -> list[Tensor]:
+    """0-d tensors as 1-element views: dynamo drops in-place updates of 0-d float64 CPU inputs (it treats
+    them like Python scalars; measured on torch 2.13), a view of shape (1,) keeps them."""
+    return [t.view(1) if t.dim() == 0 else t for t in tensors]
 
 
 def check_compile(value: Any, rule) -> None:

@@ -72,9 +72,9 @@ def _check(group):
 
 
 SF_ADAMW = ElementwiseRule("schedulefree-adamw", plan=_plan(True), kernel=_kernel(True),
-                           init=_init(True), check=_check)
+                           init=_init(True), check=_check, plan_by_step=False)   # the plan updates the weight sum
 SF_SGD = ElementwiseRule("schedulefree-sgd", plan=_plan(False), kernel=_kernel(False),
-                         init=_init(False), check=_check)
+                         init=_init(False), check=_check, plan_by_step=False)
 
 
 class ScheduleFree(TorchstepOptimizer):
