@@ -196,3 +196,61 @@ def test_compile_and_mask_validation():
     for name in ("muon", "galore"):   # a batched matrix rule; a projection refreshing host-side subspaces
         with pytest.raises(ValueError, match="nonfinite"):
             FIXTURES[name].cls([torch.randn(4, 4, requires_grad=True)], **{**_config(name), "nonfinite": "mask"})
+
+
+@pytest.mark.parametrize("name", COMPILABLE)
+def test_plan_reads_only_the_step_and_its_declared_host_state(name):
+    """The compiled step plans once per distinct (step, ``rule.plan_state``) of a group, so a plan must read
+    nothing else of the state: a state holding only those keys gives the same plan (a KeyError otherwise),
+    and a plan without declared host state changes nothing."""
+    params = _params()
+    opt = FIXTURES[name].cls(params, **_kwargs(name))
+    _run(opt, params, 7)
+    rule, group = opt.rule_for(opt.param_groups[0]), opt.param_groups[0]
+    for p in params:
+        full = copy.deepcopy(opt.state[p])
+        full["step"] += 1
+        minimal = {"step": full["step"].clone(), **{k: full[k] for k in rule.plan_state}}
+        before = copy.deepcopy(full)
+        assert rule.plan(copy.deepcopy(minimal), group) == rule.plan(full, group)
+        if not rule.plan_state:
+            assert_state_equal(full, before)
+
+
+@pytest.mark.parametrize("name", ["adamw", "spam", "schedulefree-adamw"])
+def test_parameters_at_different_steps_share_one_graph_and_equal_eager(name):
+    """A NaN skips one parameter's step (``skip``), so the group's parameters then sit at two different
+    steps: the compiled step plans per distinct step (rows + index) and still equals eager, and the step
+    counters — views of one buffer in the compiled step — stay per parameter."""
+    pa, pb = _params(), _params()
+    eager = FIXTURES[name].cls(pa, **_kwargs(name))
+    comp = FIXTURES[name].cls(pb, **_kwargs(name), compile="aot_eager")
+    for opt, params in ((eager, pa), (comp, pb)):
+        _run(opt, params, 2)
+        _run(opt, params, 1, start=2, nan_at=(2, 1))
+        _run(opt, params, 6, start=3)
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        for key, value in eager.state[a].items():
+            if torch.is_tensor(value):
+                torch.testing.assert_close(comp.state[b][key], value, rtol=1e-5, atol=1e-6)
+            else:
+                assert comp.state[b][key] == pytest.approx(value, rel=1e-9), key
+    assert [int(comp.state[p]["step"]) for p in pb] == [9, 8, 9, 9, 9]
+
+
+def test_step_counters_edited_from_outside_are_respected():
+    """The compiled step keeps the group's counters as views of one buffer; a counter replaced from outside
+    (a hand-edited state, as a warm restart would do) is picked up, not overwritten from the buffer."""
+    params = _params()
+    opt = FIXTURES["adamw"].cls(params, compile="aot_eager")
+    _run(opt, params, 2)
+    opt.state[params[0]]["step"] = torch.tensor(10.0)
+    _run(opt, params, 1, start=2)
+    assert [int(opt.state[p]["step"]) for p in params] == [11, 3, 3, 3, 3]
+    sd = copy.deepcopy(opt.state_dict())
+    fresh = FIXTURES["adamw"].cls(params, compile="aot_eager")
+    fresh.load_state_dict(sd)
+    _run(fresh, params, 1, start=3)
+    assert [int(fresh.state[p]["step"]) for p in params] == [12, 4, 4, 4, 4]
+    assert int(opt.state[params[0]]["step"]) == 11     # the other optimizer's buffer is its own

@@ -133,9 +133,9 @@ class ElementwiseRule(Rule):
         init: ``init(p, state, group)`` — lazy state (default: none; see :func:`zeros_state`).
         check: ``check(group)`` — validates the rule's own hyperparameters (default: none).
         plan, kernel: the compilable formulation (both or neither; then ``update_one`` is derived).
-        plan_by_step: the plan reads nothing of the state but ``"step"`` and changes nothing (default
-            True): the compiled step then plans once per distinct step of a group, not once per parameter.
-            Set False for a plan that reads or updates other host state (Schedule-Free's weight sum).
+        plan_state: the host (non-tensor) state keys the plan reads or updates besides ``"step"`` (default
+            none; e.g. Schedule-Free's running lr maximum and weight sum): the compiled step plans once per
+            distinct (step, those values) of a group, not once per parameter (tested for every rule).
     """
 
     batched = False
@@ -143,14 +143,14 @@ class ElementwiseRule(Rule):
 
     def __init__(self, name: str, update_one: Callable | None = None, init: Callable | None = None,
                  check: Callable | None = None, *, plan: Callable | None = None,
-                 kernel: Callable | None = None, plan_by_step: bool = True) -> None:
+                 kernel: Callable | None = None, plan_state: tuple[str, ...] = ()) -> None:
         if (plan is None) != (kernel is None) or (update_one is None) == (kernel is None):
             raise TypeError("give update_one, or plan and kernel")
         if update_one is None:
             def update_one(p, grad, state, group):
                 kernel(p, grad, state, group, plan(state, group))
         self.name, self.update_one, self.plan, self.kernel = name, update_one, plan, kernel
-        self._init, self._check, self.plan_by_step = init, check, plan_by_step
+        self._init, self._check, self.plan_state = init, check, tuple(plan_state)
 
     @property
     def compilable(self) -> bool:

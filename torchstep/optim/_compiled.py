@@ -60,17 +60,20 @@ def _backend(option: bool | str) -> str:
 
 def _plans(rule, states: list[dict[str, Any]], steps: list[float], group: dict[str, Any]
            ) -> tuple[list[dict], tuple[int, ...] | None]:
-    """The distinct plans of a group and each parameter's row (None when all share one).  A rule whose plan
-    depends only on the step and the group (``plan_by_step``) plans once per distinct step — one call for
-    the usual group whose parameters all took the same steps."""
-    if rule.plan_by_step:
-        rows: dict[float, int] = {}
-        index = tuple(rows.setdefault(t, len(rows)) for t in steps)
-        first = {row: i for i, row in reversed(list(enumerate(index)))}
-        plans = [rule.plan(states[first[row]], group) for row in range(len(rows))]
-    else:
-        plans = [rule.plan(s, group) for s in states]
-        index = tuple(range(len(states)))
+    """The distinct plans of a group and each parameter's row (None when all share one).  A plan depends
+    only on the group, the step and the host state it declares (``rule.plan_state``), so the group plans
+    once per distinct value of those — one call for the usual group whose parameters all took the same
+    steps; parameters sharing a row receive the host state the plan wrote into the row's first."""
+    keys = rule.plan_state
+    rows: dict[tuple, int] = {}
+    index = tuple(rows.setdefault((t, *(s[k] for k in keys)), len(rows)) for t, s in zip(steps, states))
+    first = {row: i for i, row in reversed(list(enumerate(index)))}
+    plans = [rule.plan(states[first[row]], group) for row in range(len(rows))]
+    if keys:
+        for state, row in zip(states, index):
+            source = states[first[row]]
+            if state is not source:
+                state.update({k: source[k] for k in keys})
     return plans, (None if len(plans) == 1 else index)
 
 

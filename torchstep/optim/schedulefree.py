@@ -71,10 +71,11 @@ def _check(group):
         check_range("momentum", group["momentum"], 0.0, 1.0, lo_open=True, hi_open=True)
 
 
+_PLAN_STATE = ("lr_max", "weight_sum")   # host floats the plan reads and updates
 SF_ADAMW = ElementwiseRule("schedulefree-adamw", plan=_plan(True), kernel=_kernel(True),
-                           init=_init(True), check=_check, plan_by_step=False)   # the plan updates the weight sum
+                           init=_init(True), check=_check, plan_state=_PLAN_STATE)
 SF_SGD = ElementwiseRule("schedulefree-sgd", plan=_plan(False), kernel=_kernel(False),
-                         init=_init(False), check=_check, plan_by_step=False)
+                         init=_init(False), check=_check, plan_state=_PLAN_STATE)
 
 
 class ScheduleFree(TorchstepOptimizer):
