@@ -71,3 +71,21 @@ def test_fixtures_and_benchmark_settings_cover_exactly_the_registry():
     from torchstep.bench.arms import ARMS, BENCH
     assert set(FIXTURES) == set(SPECS)
     assert set(BENCH) == set(SPECS) and set(SPECS) <= set(ARMS)
+
+
+def test_compiled_speed_table_ratios_and_traffic_floor():
+    """The compiled table's arithmetic on given times (no compile): ratios to fused AdamW from the same run,
+    the traffic floor (+1 pass for the checked policies), the peer ratio on equal semantics, the payoff."""
+    from torchstep.bench import speed
+    times = {"torch AdamW (fused)": [4.0], "torch AdamW (compiled)": [8.0], "torchstep adamp": [30.0],
+             "torchstep adamp (compiled)": [20.0], "torchstep adamp (compiled, nonfinite=ignore)": [16.0],
+             "pytorch-optimizer adamp": [32.0]}
+    first = {k: 0.5 for k in times} | {"torchstep adamp (compiled)": 10.5}
+    rows = {r[0]: dict(zip(speed.COMPILED_HEADERS, r)) for r in speed.compiled_table(times, first)}
+    assert rows["adamp"]["compiled × AdamW fused"] == "5.00"
+    assert rows["adamp"]["traffic floor × fused"] == f"{11 / 7:.2f}"          # 10 passes + the skip check
+    assert rows["adamp, nonfinite=ignore"]["traffic floor × fused"] == f"{10 / 7:.2f}"
+    assert rows["adamp"]["compiled speed-up vs pytorch-optimizer"] == "1.60"
+    assert rows["adamp, nonfinite=ignore"]["compiled speed-up vs pytorch-optimizer"] == "2.00"
+    assert rows["adamp"]["compile pays off after (steps)"] == "1000"          # 10 s / 10 ms saved
+    assert set(speed.MIN_PASSES) == set(speed.compiled_names())              # a floor for every method
