@@ -153,6 +153,11 @@ MIN_PASSES = {
 }
 
 
+def _traffic_floor(name: str, checked: bool) -> float:
+    """:data:`MIN_PASSES` over fused AdamW's, +1 pass when a finite check (``skip``/``mask``) reads g first."""
+    return (MIN_PASSES.get(name, (float("nan"),))[0] + checked) / MIN_PASSES["adamw"][0]
+
+
 class _CompiledTorchStep:
     """torch's recipe for a compiled optimizer: ``torch.compile(opt.step)`` (float lr: the benchmark never changes it)."""
 
@@ -269,10 +274,9 @@ def compiled_table(times: dict[str, list[float]], first: dict[str, float]) -> li
         if not (label.startswith("torchstep ") and "(compiled" in label):
             continue
         name = label.split()[1]
-        passes = MIN_PASSES.get(name, (float("nan"),))[0]
         if label.endswith("=mask)") or label.endswith("=ignore)"):
             policy = label.split("=")[1][:-1]
-            floor = (passes + (policy == "mask")) / MIN_PASSES["adamw"][0]
+            floor = _traffic_floor(name, checked=policy == "mask")
             peer = med.get(f"pytorch-optimizer {name}")   # the peer checks nothing either: same semantics
             rows.append([f"{name}, nonfinite={policy}", "–", f"{med[label]:.2f}", f"{med[label] / fused:.2f}",
                          f"{floor:.2f}", "–", f"{peer / med[label]:.2f}" if peer and policy == "ignore" else "–",
@@ -282,7 +286,7 @@ def compiled_table(times: dict[str, list[float]], first: dict[str, float]) -> li
         peer, hb = med.get(f"pytorch-optimizer {name}"), med.get(f"heavyball {name}")
         saved = eager - compiled
         payoff = f"{(first[label] - first[f'torchstep {name}']) / saved * 1e3:.0f}" if saved > 0 else "never"
-        floor = (passes + 1) / MIN_PASSES["adamw"][0]       # the default skip check reads g once more
+        floor = _traffic_floor(name, checked=True)        # the default skip check
         rows.append([name, f"{eager:.2f}", f"{compiled:.2f}", f"{compiled / fused:.2f}", f"{floor:.2f}",
                      f"{peer:.2f}" if peer else "–", f"{peer / compiled:.2f}" if peer else "–",
                      f"{hb:.2f}" if hb else "–", f"{first[label]:.1f}", payoff])

@@ -66,15 +66,19 @@ def _plans(rule, states: list[dict[str, Any]], steps: list[float], group: dict[s
     steps; parameters sharing a row receive the host state the plan wrote into the row's first."""
     keys = rule.plan_state
     rows: dict[tuple, int] = {}
-    index = tuple(rows.setdefault((t, *(s[k] for k in keys)), len(rows)) for t, s in zip(steps, states))
-    first = {row: i for i, row in reversed(list(enumerate(index)))}
-    plans = [rule.plan(states[first[row]], group) for row in range(len(rows))]
-    if keys:
-        for state, row in zip(states, index):
-            source = states[first[row]]
-            if state is not source:
-                state.update({k: source[k] for k in keys})
-    return plans, (None if len(plans) == 1 else index)
+    first: list[int] = []                  # each row's first parameter: the one that is planned
+    index = []
+    for i, (t, state) in enumerate(zip(steps, states)):
+        key = (t, *(state[k] for k in keys))
+        if key not in rows:
+            rows[key] = len(first)
+            first.append(i)
+        index.append(rows[key])
+    plans = [rule.plan(states[i], group) for i in first]
+    for state, row in zip(states, index):  # (only with declared host state) copy what the plan wrote
+        if keys and state is not states[first[row]]:
+            state.update({k: states[first[row]][k] for k in keys})
+    return plans, (None if len(plans) == 1 else tuple(index))
 
 
 class CompiledStep:
