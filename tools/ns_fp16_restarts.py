@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from torchstep.ops.newton_schulz import _gram_iteration, newton_schulz, resolve_preset
+from torchstep.ops.newton_schulz import _gram_iteration, newton_schulz, normalise, resolve_preset
+from torchstep.ops.shapes import to_wide
 
 F16_MAX = torch.finfo(torch.float16).max
 
@@ -41,12 +42,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def gram_max_entry(G: torch.Tensor, preset: str, dtype: torch.dtype, restarts) -> float:
     """max |entry| over all GEMM outputs of the Gram iteration (Q, R, Z, R·W, W·R·W, the restart's X)."""
     p = resolve_preset(preset)
-    late = dtype == torch.float16                    # as newton_schulz: fp16 normalises in fp32, then casts
-    X = G.float() if late else G.to(dtype)
-    if X.shape[0] > X.shape[1]:
-        X = X.mT.contiguous()
-    norm = torch.linalg.matrix_norm(X.float()).to(X.dtype)
-    X = (X / (norm * p.scale + p.offset)).to(dtype)
+    X = normalise(to_wide(G)[0], p, dtype)           # the iteration's start, as newton_schulz
     peak = [0.0]
 
     def track(t):

@@ -141,23 +141,12 @@ def newton_schulz(G: Tensor, steps: int = 5, preset: str | Preset | Sequence = "
     if method not in NS_METHODS:
         raise ValueError(f"Invalid method: {method!r} (valid range: one of {list(NS_METHODS)})")
     p = resolve_preset(preset)
-    # fp16 holds 6e-8…65504 only: an unnormalised gradient can flush to zero or overflow (‖G‖_F > 65504 gave a
-    # zero update, an entry > 65504 NaN), so fp16 normalises in fp32 and casts after; bf16 casts first
-    # (fp32's range; bit-for-bit torch.optim.Muon)
-    late = compute_dtype == torch.float16
-    X = G.to(compute_dtype) if compute_dtype is not None and not late else G
-    if late and X.dtype not in (torch.float32, torch.float64):
-        X = X.float()
-    shape = X.shape
-    X, tall = to_wide(X)
+    shape = G.shape
+    X, tall = to_wide(G)
     batched = X.dim() > 2
     if batched:
         X = X.reshape(-1, *X.shape[-2:])
-    norm = torch.linalg.matrix_norm(X.float() if X.dtype in (torch.bfloat16, torch.float16) else X,
-                                    keepdim=True).to(X.dtype)
-    X = X / (norm * p.scale + p.offset)
-    if late:
-        X = X.to(compute_dtype)
+    X = normalise(X, p, compute_dtype)
     # fused multiply-adds (one rounding each), as torch.optim.Muon: markedly more accurate in bf16
     mm, madd = (torch.bmm, torch.baddbmm) if batched else (torch.mm, torch.addmm)
     m, n = X.shape[-2:]
@@ -172,6 +161,23 @@ def newton_schulz(G: Tensor, steps: int = 5, preset: str | Preset | Sequence = "
     if batched:
         X = X.reshape(*shape[:-2], *X.shape[-2:])
     return from_wide(X, tall).to(G.dtype)
+
+
+def normalise(X: Tensor, p: Preset, compute_dtype: torch.dtype | None) -> Tensor:
+    """``X / (‖X‖_F·scale + offset)`` per matrix, in ``compute_dtype`` (None: X's), the iteration's start.
+
+    fp16 holds 6e-8…65504 only: an unnormalised gradient can flush to zero or overflow (‖G‖_F > 65504 gave a
+    zero update, an entry > 65504 NaN), so fp16 normalises in fp32 and casts after; bf16 casts first (fp32's
+    range; bit-for-bit torch.optim.Muon).  The norm is taken in fp32 for 16-bit X."""
+    late = compute_dtype == torch.float16
+    if compute_dtype is not None and not late:
+        X = X.to(compute_dtype)
+    elif late and X.dtype not in (torch.float32, torch.float64):
+        X = X.float()
+    norm = torch.linalg.matrix_norm(X.float() if X.dtype in (torch.bfloat16, torch.float16) else X,
+                                    keepdim=True).to(X.dtype)
+    X = X / (norm * p.scale + p.offset)
+    return X.to(compute_dtype) if late else X
 
 
 def newton_schulz_many(matrices: Sequence[Tensor], **kwargs) -> list[Tensor]:
