@@ -4,8 +4,10 @@ Both return new tensors and never modify their input (optimizers must not write 
 """
 from __future__ import annotations
 
-from torch import Tensor
 import torch
+from torch import Tensor
+
+from .materialise import materialise
 
 
 def clip_spikes(grad: Tensor, exp_avg_sq: Tensor, threshold: float) -> Tensor:
@@ -22,5 +24,6 @@ def clip_to_running_max(grad: Tensor, running_max_hat: Tensor, grad_absmax: Tens
 
     The largest entry lands exactly on ``M̂``; entries at or below ``M̂`` are untouched.
     """
-    scale = running_max_hat / grad_absmax.clamp_min(torch.finfo(grad.dtype).tiny)
+    running_max_hat = materialise(running_max_hat)
+    scale = materialise(running_max_hat / grad_absmax.clamp_min(torch.finfo(grad.dtype).tiny))
     return torch.where(grad.abs() > running_max_hat, grad * scale, grad)

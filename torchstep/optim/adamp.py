@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import required
 
+from ..ops.materialise import materialise
 from ..ops.moments import bias_corrections, corrected_root, update_moments_
 from ._base import (ElementwiseRule, TorchstepOptimizer, add_scaled_, check_choice, check_range, scalar, step_of,
                     zeros_state)
@@ -48,7 +49,8 @@ def project_radial(p: Tensor, grad: Tensor, update: Tensor, delta: float, wd_rat
     expand = [-1] + [1] * (p.dim() - 1)
     fired_before = torch.zeros((), dtype=torch.bool, device=p.device)
     for cos, length, coef in views:
-        fires = cos.max() < delta / math.sqrt(length)
+        fires = materialise(cos.max() < delta / math.sqrt(length))
+        coef = materialise(coef)
         # radial part of u along θ̂ = θ/(‖θ‖+ε): θ̂⟨θ̂,u⟩ = θ·⟨θ,u⟩/(‖θ‖+ε)²
         coef = coef.view(expand) if coef.dim() else coef
         if not sync_free:

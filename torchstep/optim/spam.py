@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ..ops.curves import cosine
+from ..ops.materialise import materialise
 from ..ops.moments import bias_corrections, corrected_root, update_moments_, update_moments_scaled_
 from ..ops.spike import clip_spikes, clip_to_running_max
 from ._base import (ElementwiseRule, TorchstepOptimizer, add_scaled_, check_choice, check_range, scalar, step_of,
@@ -125,7 +126,8 @@ def stablespam_kernel(p, grad, state, group, c) -> None:
         state["norm_sq_avg"].mul_(g2).add_(norm.square(), alpha=1 - g2)
         kappa = (state["norm_avg"] / c["bc_g1"]) / ((state["norm_sq_avg"] / c["bc_g2"]).sqrt() + eps)
         # rescale only a non-zero gradient (as the official code): κ/‖g‖ at ‖g‖ = 0 is 0·inf
-        grad = torch.where(norm > 0, grad * (kappa / norm.clamp_min(torch.finfo(norm.dtype).tiny)), grad)
+        scale = materialise(torch.where(norm > 0, kappa / norm.clamp_min(torch.finfo(norm.dtype).tiny), 1.0))
+        grad = grad * scale
     if c["reset"] and not official:
         _reset_moments(state)
     update_moments_scaled_(state["exp_avg"], state["exp_avg_sq"], grad, c["beta1"], c["one_minus_beta1"],
