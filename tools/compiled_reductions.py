@@ -3,8 +3,8 @@
 Two tables from one run, 1 torch thread, the speed benchmark's parameter shapes, medians of interleaved rounds:
 
 1. **Bandwidth of the loops Inductor generates** — a streaming update (``θ += a·g``) against full-tensor
-   and per-row reductions (Inductor's C++, and torch's eager kernels for the same reductions), as GB/s of
-   fp32 arrays read + written.  The traffic floor counts passes as if every pass ran at the streaming
+   and per-row reductions (Inductor's C++; torch's eager ``sum`` for comparison), as GB/s of fp32 arrays
+   read + written.  The traffic floor counts passes as if every pass ran at the streaming
    rate; a reduction pass that runs slower is the part of the gap no fusion removes.
 2. **``ops.materialise`` on and off** — the compiled step (``nonfinite="ignore"``) of each method whose
    update consumes per-row / per-tensor coefficients, with ``materialise`` as shipped and replaced by the
