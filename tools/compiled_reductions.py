@@ -90,10 +90,7 @@ def predicted_ms(name: str, med: dict[str, float]) -> float:
 
 
 @contextlib.contextmanager
-def _materialise_off(off: bool):
-    if not off:
-        yield
-        return
+def _materialise_off():
     saved = [m.materialise for m in _USERS]
     for m in _USERS:
         m.materialise = lambda t: t
@@ -111,7 +108,7 @@ class _Patched:
         self.opt, self.off = opt, off
 
     def step(self):
-        with _materialise_off(self.off):
+        with _materialise_off() if self.off else contextlib.nullcontext():
             return self.opt.step()
 
 

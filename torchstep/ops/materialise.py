@@ -13,9 +13,10 @@ def materialise(t: Tensor) -> Tensor:
     ``sqrt`` and divisions included — for every vector of the parameter-sized update loop; its C++ is built
     with ``-fmath-errno``, so the compiler does not hoist them.  ``as_strided`` needs a storage, so Inductor
     realises its input: computed once, read as a number (measured by ``tools/compiled_reductions.py``:
-    compiled SGDP 2.51 → 1.65× fused AdamW, AdamP 3.20 → 2.17×, Stable-SPAM 3.26 → 2.01×).  Values are unchanged.  On accelerators the
-    expression stays inlined: recomputing it per element is free in a memory-bound GPU kernel, while a
-    stored buffer may cost one more kernel launch (not measured here: no GPU was available)."""
-    if t.device.type == "cpu" and torch.compiler.is_compiling():
+    compiled SGDP 2.51 → 1.65× fused AdamW, AdamP 3.20 → 2.17×, Stable-SPAM 3.26 → 2.01×).  Values are
+    unchanged.  On accelerators the expression stays inlined: recomputing it per element is free in a
+    memory-bound GPU kernel, while a stored buffer may cost one more kernel launch (not measured here: no
+    GPU was available).  Eagerly it is one ``is_compiling()`` check (the per-tensor eager step calls it)."""
+    if torch.compiler.is_compiling() and t.device.type == "cpu":
         return t.as_strided(t.shape, t.stride())
     return t
